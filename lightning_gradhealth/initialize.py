@@ -1,0 +1,262 @@
+"""Initialization of every recurrent layer of a model, by role and per gate block.
+
+Hidden-to-hidden matrices get ``init``; input-to-hidden matrices get ``input_init`` (default
+Glorot uniform, the Keras convention); biases are zeroed, with the LSTM forget-gate bias set to
+``forget_bias`` counted once across ``bias_ih`` and ``bias_hh`` (PyTorch adds both vectors, so
+setting both to 1 would give an effective bias of 2), or chrono-initialized (Tallec & Ollivier
+2018) when ``chrono_t_max`` is given. Plain ``nn.Linear`` layers are touched only when
+``linear_init`` is given.
+
+This is the code :class:`~lightning_gradhealth.GradHealth` runs at the start of fit; without
+Lightning, call :func:`initialize_` directly.
+
+Examples:
+    >>> import torch
+    >>> model = torch.nn.LSTM(8, 16, num_layers=2)
+    >>> report = initialize_(model, "orthogonal", generator=torch.Generator().manual_seed(0))
+    >>> f = slice(16, 32)   # forget-gate rows
+    >>> float((model.bias_ih_l0 + model.bias_hh_l0)[f].mean())
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradhealth.inits import init_scheme_, resolve_scheme
+from lightning_gradhealth.layers import (
+    Role,
+    WeightRecord,
+    find_linear_weights,
+    find_recurrent_weights,
+    match_patterns,
+)
+
+__all__ = ["InitConfig", "InitRecord", "apply_init_", "format_init_report", "initialize_"]
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_finite(name: str, value: float) -> None:
+    if not _is_finite_number(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Validated initialization options; every check runs at construction.
+
+    Args:
+        init: scheme of the hidden-to-hidden matrices, or ``None`` to initialize nothing in the
+            recurrent layers (see :data:`~lightning_gradhealth.inits.SCHEME_NAMES`). The
+            recurrent-layer options below take effect only when ``init`` is given.
+        input_init: scheme of the input-to-hidden matrices (``None``: keep the framework's).
+        gain: multiplier of the ``init`` scheme (the singular value for orthogonal).
+        forget_bias: effective LSTM forget-gate bias, ``bias_ih + bias_hh``.
+        chrono_t_max: if given, chrono init of LSTM gate biases for dependencies up to this
+            many steps: ``b_f ~ log U[1, T_max - 1]``, ``b_i = -b_f`` (replaces ``forget_bias``).
+        uniform_scale: range of the ``"uniform"`` baseline, ``U[-scale, scale]``.
+        linear_init: scheme for plain ``nn.Linear`` layers (e.g. ``"he"`` before ReLU);
+            ``None`` leaves them untouched. Independent of ``init``.
+        custom: your own hidden-to-hidden matrices: glob pattern over parameter names ->
+            gate count, e.g. ``{"decoder.cell.W_hh": 4}``.
+        exclude: glob patterns over module or parameter names whose weights are left as they
+            are, e.g. weights loaded before fit: ``["encoder.*"]``.
+
+    Raises:
+        ValueError: unknown scheme names (with the valid names and the closest match), a
+            non-positive or non-finite gain or scale, a non-finite forget bias, ``chrono_t_max``
+            below 2, a gate count below 1, an empty pattern, or recurrent options given
+            without ``init``.
+    """
+
+    init: Optional[str] = None
+    input_init: Optional[str] = "glorot"
+    gain: float = 1.0
+    forget_bias: float = 1.0
+    chrono_t_max: Optional[int] = None
+    uniform_scale: float = 0.01
+    linear_init: Optional[str] = None
+    custom: Optional[Mapping[str, int]] = None
+    exclude: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "init", resolve_scheme(self.init, "init"))
+        object.__setattr__(self, "input_init", resolve_scheme(self.input_init, "input_init"))
+        object.__setattr__(self, "linear_init", resolve_scheme(self.linear_init, "linear_init"))
+        _check_positive_finite("gain", self.gain)
+        _check_positive_finite("uniform_scale", self.uniform_scale)
+        if not _is_finite_number(self.forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {self.forget_bias!r}")
+        if self.chrono_t_max is not None and (
+            isinstance(self.chrono_t_max, bool) or not isinstance(self.chrono_t_max, int) or self.chrono_t_max < 2
+        ):
+            raise ValueError(
+                f"chrono_t_max must be an integer >= 2 (the longest dependency in steps), got {self.chrono_t_max!r}"
+            )
+        if self.init is None and self.chrono_t_max is not None:
+            raise ValueError("chrono_t_max initializes LSTM biases, which happens only with init=...; pass an init scheme")
+        for pattern, gates in (self.custom or {}).items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"custom patterns must be non-empty strings, got {pattern!r}")
+            if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
+                raise ValueError(f"custom pattern {pattern!r}: the gate count must be an integer >= 1, got {gates!r}")
+        if isinstance(self.exclude, str):
+            raise ValueError(f"exclude must be a list of patterns, got the string {self.exclude!r}; write [{self.exclude!r}]")
+        for pattern in self.exclude or ():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"exclude patterns must be non-empty strings, got {pattern!r}")
+
+    @property
+    def changes_weights(self) -> bool:
+        """Whether applying this configuration writes any weight."""
+        return self.init is not None or self.linear_init is not None
+
+
+@dataclass(frozen=True)
+class InitRecord:
+    """What initialization did to one parameter (one row of the init report)."""
+
+    layer_key: str
+    parameter: str
+    role: Role
+    gates: tuple[str, ...]
+    scheme: str
+
+
+def _scheme_text(scheme: str, record: WeightRecord, gain: float, uniform_scale: float) -> str:
+    """A short human description of a scheme applied to one weight."""
+    if scheme == "uniform":
+        return f"uniform +-{uniform_scale:g}"
+    gain_text = "" if gain == 1 else f" x{gain:g}"
+    if scheme in ("glorot", "glorot_normal"):
+        return f"{scheme} (fan {record.fans.fan_in}+{record.fans.fan_out}){gain_text}"
+    if scheme == "he":
+        return f"he (fan_in {record.fans.fan_in}, {'/'.join(dict.fromkeys(record.nonlinearities))}){gain_text}"
+    return f"{scheme}{gain_text}"
+
+
+def _init_bias_(record: WeightRecord, config: InitConfig, generator: Optional[torch.Generator]) -> str:
+    """Zero a bias vector; for an LSTM's ``bias_ih``, set the forget (and chrono input) gate."""
+    bias: Tensor = record.parameter
+    with torch.no_grad():
+        bias.zero_()
+        if record.cell_type != "lstm" or not record.param_name.startswith("bias_ih"):
+            return "zeros"
+        input_gate, forget_gate = bias.chunk(4)[:2]
+        if config.chrono_t_max is None:
+            forget_gate.fill_(config.forget_bias)
+            return f"zeros, forget gate {config.forget_bias:g}"
+        uniform = 1 + (config.chrono_t_max - 2) * torch.rand(forget_gate.shape, generator=generator, dtype=torch.float64)
+        chrono = torch.log(uniform).to(device=bias.device, dtype=bias.dtype)
+        forget_gate.copy_(chrono)
+        input_gate.copy_(-chrono)
+        return f"chrono T_max={config.chrono_t_max}"
+
+
+def _excluded(records: list[WeightRecord], exclude: Sequence[str]) -> set[str]:
+    """Full names of the records whose parameter, module or layer key matches a pattern of ``exclude``.
+
+    Raises:
+        ValueError: a pattern matches none of the weights that would be initialized.
+    """
+    names_of = {r.full_name: {r.full_name, r.module_name, r.layer_key} for r in records}
+    for pattern, matched in match_patterns(exclude, set().union(*names_of.values())).items():
+        if not matched:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no module or parameter that init would write; "
+                f"patterns are globs over names such as {next(iter(names_of), 'rnn.weight_hh_l0')!r}"
+            )
+    return {
+        full_name
+        for full_name, names in names_of.items()
+        if any(matched for matched in match_patterns(exclude, names).values())
+    }
+
+
+def apply_init_(
+    model: nn.Module, config: InitConfig, generator: Optional[torch.Generator] = None
+) -> list[InitRecord]:
+    """Initialize ``model`` in place as ``config`` says; return one :class:`InitRecord` per parameter.
+
+    Writes happen under ``torch.no_grad()`` with ``copy_``, so parameters keep their storage
+    (cuDNN's flattened weight buffer stays valid) and their device and dtype.
+    """
+    targets: list[tuple[WeightRecord, Optional[str]]] = []
+    if config.init is not None:
+        for record in find_recurrent_weights(model, config.custom):
+            scheme = config.init if record.role == "recurrent" else config.input_init
+            if record.role == "bias":
+                scheme = "bias"
+            targets.append((record, scheme))
+    if config.linear_init is not None:
+        for record in find_linear_weights(model):
+            targets.append((record, config.linear_init if record.role == "linear" else "bias"))
+
+    excluded = _excluded([record for record, _ in targets], config.exclude) if config.exclude else set()
+    report: list[InitRecord] = []
+    for record, scheme in targets:
+        if scheme is None or record.full_name in excluded:
+            continue
+        if scheme == "bias":
+            text = _init_bias_(record, config, generator)
+        else:
+            gain = config.gain if record.role == "recurrent" else 1.0
+            init_scheme_(
+                record.parameter,
+                scheme,
+                gain=gain,
+                gates=len(record.gates),
+                fans=record.fans,
+                nonlinearities=record.nonlinearities,
+                uniform_scale=config.uniform_scale,
+                generator=generator,
+            )
+            text = _scheme_text(scheme, record, gain, config.uniform_scale)
+        report.append(InitRecord(record.layer_key, record.full_name, record.role, record.gates, text))
+    return report
+
+
+def initialize_(
+    model: nn.Module,
+    init: Optional[str] = "orthogonal",
+    *,
+    generator: Optional[torch.Generator] = None,
+    **options: object,
+) -> list[InitRecord]:
+    """Initialize every recurrent layer of ``model`` without Lightning.
+
+    Args:
+        model: any module tree holding ``nn.RNN``/``LSTM``/``GRU`` layers or ``nn.*Cell`` cells.
+        init: scheme of the hidden-to-hidden matrices.
+        generator: a CPU generator for reproducible weights.
+        **options: the other fields of :class:`InitConfig` (``input_init``, ``gain``,
+            ``forget_bias``, ``chrono_t_max``, ``uniform_scale``, ``linear_init``, ``custom``,
+            ``exclude``).
+
+    Returns:
+        One :class:`InitRecord` per parameter written.
+
+    Examples:
+        >>> gru = torch.nn.GRU(4, 8, bidirectional=True)
+        >>> [r.parameter for r in initialize_(gru, "identity")][:2]
+        ['weight_ih_l0', 'weight_hh_l0']
+    """
+    return apply_init_(model, InitConfig(init=init, **options), generator)  # type: ignore[arg-type]
+
+
+def format_init_report(report: Sequence[InitRecord]) -> str:
+    """The init report as a fixed-width text table, one row per parameter."""
+    header = ("layer", "parameter", "role", "gates", "scheme")
+    rows = [header] + [
+        (r.layer_key, r.parameter.rpartition(".")[2], r.role, ",".join(r.gates), r.scheme) for r in report
+    ]
+    widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,248 @@
+"""Finds the recurrent weights of a model: one small record per weight matrix or bias vector.
+
+Supported: ``nn.RNN`` (tanh and relu), ``nn.LSTM`` (``proj_size`` included: its ``weight_hr`` is
+a recurrent matrix too), ``nn.GRU`` with every layer and both directions; ``nn.RNNCell``,
+``nn.LSTMCell`` and ``nn.GRUCell`` used in a loop; and hidden-to-hidden matrices of custom
+modules named by glob patterns over ``model.named_parameters()`` with a gate count.
+
+Layer keys follow the public contract: the module's name in ``model.named_modules()``, then
+``.l{layer}``, then ``_reverse`` for the backward direction (e.g. ``"encoder.rnn.l1_reverse"``);
+a cell, or a custom module, uses its module name.
+
+Examples:
+    >>> import torch
+    >>> records = find_recurrent_weights(torch.nn.Sequential(torch.nn.GRU(4, 8)))
+    >>> [(r.layer_key, r.param_name, r.role, r.gates) for r in records][:2]
+    [('0.l0', 'weight_ih_l0', 'input', ('r', 'z', 'n')), ('0.l0', 'weight_hh_l0', 'recurrent', ('r', 'z', 'n'))]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Optional
+
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from lightning_gradhealth.inits import Fans
+
+__all__ = ["Role", "WeightRecord", "find_linear_weights", "find_recurrent_weights", "match_patterns"]
+
+Role = Literal["recurrent", "input", "bias", "linear"]
+"""What a weight does: hidden-to-hidden (``weight_hh``, ``weight_hr``, custom matrices),
+input-to-hidden (``weight_ih``), a bias vector, or a plain ``nn.Linear`` weight."""
+
+_GATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # cell type: (gate names, nonlinearity of each gate), in PyTorch's row order
+    "lstm": (("i", "f", "g", "o"), ("sigmoid", "sigmoid", "tanh", "sigmoid")),
+    "gru": (("r", "z", "n"), ("sigmoid", "sigmoid", "tanh")),
+    "rnn_tanh": (("h",), ("tanh",)),
+    "rnn_relu": (("h",), ("relu",)),
+}
+_PROJECTION_GATES = (("proj",), ("linear",))
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """One weight matrix or bias vector of a recurrent layer, and how it is used.
+
+    Attributes:
+        layer_key: the layer/direction it belongs to, e.g. ``"encoder.rnn.l1_reverse"``.
+        module_name: the owning module's name in ``model.named_modules()``.
+        param_name: the parameter's name inside that module, e.g. ``"weight_hh_l1_reverse"``.
+        role: see :data:`Role`.
+        cell_type: ``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``, ``"custom"`` or ``"linear"``.
+        gates: names of the row blocks, in order (LSTM ``i, f, g, o``; GRU ``r, z, n``).
+        nonlinearities: the nonlinearity that follows each gate block.
+        fans: fan-in and fan-out of one gate block (the RNN fan rule for cell matrices).
+        parameter: the parameter itself.
+    """
+
+    layer_key: str
+    module_name: str
+    param_name: str
+    role: Role
+    cell_type: str
+    gates: tuple[str, ...]
+    nonlinearities: tuple[str, ...]
+    fans: Fans
+    parameter: nn.Parameter = field(compare=False, repr=False)
+
+    @property
+    def full_name(self) -> str:
+        """The name in ``model.named_parameters()``."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+
+def _cell_type(module: nn.Module) -> str:
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        return "lstm"
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        return "gru"
+    nonlinearity = getattr(module, "nonlinearity", "tanh")
+    return "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
+
+
+def _cell_records(
+    module: nn.Module,
+    module_name: str,
+    layer_key: str,
+    suffix: str,
+    input_size: int,
+) -> list[WeightRecord]:
+    """Records of one cell (one layer/direction of a fused module, or an ``nn.*Cell``)."""
+    cell_type = _cell_type(module)
+    gates, nonlinearities = _GATES[cell_type]
+    hidden_size: int = module.hidden_size
+    recurrent_width = getattr(module, "proj_size", 0) or hidden_size
+    cell_fans = Fans(fan_in=input_size + recurrent_width, fan_out=hidden_size)
+    params = dict(module.named_parameters(recurse=False))
+
+    def record(
+        prefix: str,
+        role: Role,
+        fans: Fans,
+        gate_info: tuple[tuple[str, ...], tuple[str, ...]] = (gates, nonlinearities),
+    ) -> list[WeightRecord]:
+        name = prefix + suffix
+        if name not in params:
+            return []
+        return [
+            WeightRecord(layer_key, module_name, name, role, cell_type, *gate_info, fans, params[name])
+        ]
+
+    return [
+        *record("weight_ih", "input", cell_fans),
+        *record("weight_hh", "recurrent", cell_fans),
+        *record("weight_hr", "recurrent", Fans(hidden_size, recurrent_width), _PROJECTION_GATES),
+        *record("bias_ih", "bias", cell_fans),
+        *record("bias_hh", "bias", cell_fans),
+    ]
+
+
+def _fused_records(module: nn.RNNBase, module_name: str) -> list[WeightRecord]:
+    """Records of every layer and direction of an ``nn.RNN``/``nn.LSTM``/``nn.GRU``."""
+    directions = ("", "_reverse") if module.bidirectional else ("",)
+    output_width = (module.proj_size or module.hidden_size) * len(directions)
+    records: list[WeightRecord] = []
+    for layer in range(module.num_layers):
+        input_size = module.input_size if layer == 0 else output_width
+        for direction in directions:
+            suffix = f"_l{layer}{direction}"
+            key = f"{module_name}.l{layer}{direction}" if module_name else f"l{layer}{direction}"
+            records += _cell_records(module, module_name, key, suffix, input_size)
+    return records
+
+
+def match_patterns(patterns: Iterable[str], names: Iterable[str]) -> dict[str, list[str]]:
+    """For each glob pattern, the names it matches (``fnmatch`` rules, case-sensitive).
+
+    Examples:
+        >>> match_patterns(["rnn.*_hh*"], ["rnn.weight_hh_l0", "rnn.weight_ih_l0"])
+        {'rnn.*_hh*': ['rnn.weight_hh_l0']}
+    """
+    name_list = list(names)
+    return {pattern: fnmatch.filter(name_list, pattern) for pattern in patterns}
+
+
+def _custom_records(
+    model: nn.Module, custom: Mapping[str, int], builtin_names: set[str]
+) -> list[WeightRecord]:
+    """Records of the hidden-to-hidden matrices named by ``custom`` (glob pattern -> gate count)."""
+    all_params = dict(model.named_parameters())
+    matches = match_patterns(custom, all_params)
+    chosen: dict[str, int] = {}
+    for pattern, names in matches.items():
+        if not names:
+            raise ValueError(
+                f"custom pattern {pattern!r} matches no parameter of the model; patterns are globs "
+                f"over model.named_parameters() names, e.g. {next(iter(all_params), 'cell.weight_hh')!r}"
+            )
+        for name in names:
+            if name in builtin_names:
+                raise ValueError(
+                    f"custom pattern {pattern!r} matches {name!r}, a weight of a built-in recurrent "
+                    "layer that GradHealth already handles; custom patterns are for your own modules"
+                )
+            weight = all_params[name]
+            gates = custom[pattern]
+            if weight.dim() != 2 or weight.shape[0] % gates:
+                raise ValueError(
+                    f"custom pattern {pattern!r}: gate count {gates} does not divide the rows of "
+                    f"{name!r} (shape {tuple(weight.shape)}); gate blocks are stacked along dim 0 "
+                    "as in PyTorch, so the row count must be a multiple of the gate count"
+                )
+            chosen[name] = gates
+
+    owners = Counter(name.rpartition(".")[0] for name in chosen)
+    records = []
+    for name, gates in chosen.items():
+        module_name, _, param_name = name.rpartition(".")
+        layer_key = module_name if owners[module_name] == 1 and module_name else name
+        weight = all_params[name]
+        records.append(
+            WeightRecord(
+                layer_key,
+                module_name,
+                param_name,
+                "recurrent",
+                "custom",
+                tuple(f"gate{k}" for k in range(gates)) if gates > 1 else ("h",),
+                ("linear",) * gates,
+                Fans(fan_in=weight.shape[1], fan_out=weight.shape[0] // gates),
+                weight,
+            )
+        )
+    return records
+
+
+def find_recurrent_weights(
+    model: nn.Module, custom: Optional[Mapping[str, int]] = None
+) -> list[WeightRecord]:
+    """Every recurrent weight of ``model``, in ``named_modules()`` order, then the custom ones.
+
+    Args:
+        model: any module tree.
+        custom: glob patterns over ``model.named_parameters()`` names of your own
+            hidden-to-hidden matrices, each with its gate count, e.g. ``{"cell.W_hh": 4}``.
+
+    Raises:
+        ValueError: a custom pattern matches nothing, matches a built-in layer's weight, or its
+            gate count does not divide the matrix's rows.
+    """
+    records: list[WeightRecord] = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+            records += _fused_records(module, module_name)
+        elif isinstance(module, nn.RNNCellBase):
+            records += _cell_records(module, module_name, module_name, "", module.input_size)
+    if custom:
+        records += _custom_records(model, custom, {record.full_name for record in records})
+    return records
+
+
+def has_uninitialized_params(module: nn.Module) -> bool:
+    """Whether ``module`` is a lazy module whose parameters are not materialized yet."""
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def find_linear_weights(model: nn.Module) -> list[WeightRecord]:
+    """Weights and biases of every ``nn.Linear`` in ``model``, for opt-in feed-forward init.
+
+    Fans are read off the shape (``fan_in = in_features``); the nonlinearity is taken to be ReLU,
+    the use case of He initialization. ``nn.LazyLinear`` layers that have not run yet have no
+    weights to write and are left out.
+    """
+    records: list[WeightRecord] = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or has_uninitialized_params(module):
+            continue
+        fans = Fans(fan_in=module.in_features, fan_out=module.out_features)
+        for param_name, param in module.named_parameters(recurse=False):
+            role: Role = "linear" if param_name == "weight" else "bias"
+            records.append(
+                WeightRecord(module_name, module_name, param_name, role, "linear", ("w",), ("relu",), fans, param)
+            )
+    return records
