@@ -15,7 +15,7 @@ Examples:
     >>> model = torch.nn.LSTM(8, 16, num_layers=2)
     >>> report = initialize_(model, "orthogonal", generator=torch.Generator().manual_seed(0))
     >>> f = slice(16, 32)   # forget-gate rows
-    >>> float((model.bias_ih_l0 + model.bias_hh_l0)[f].mean())
+    >>> float((model.bias_ih_l0 + model.bias_hh_l0)[f].mean().detach())
     1.0
 """
 
