@@ -28,7 +28,14 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_gradhealth.inits import Fans
 
-__all__ = ["Role", "WeightRecord", "find_linear_weights", "find_recurrent_weights", "match_patterns"]
+__all__ = [
+    "Role",
+    "WeightRecord",
+    "cell_type_of",
+    "find_linear_weights",
+    "find_recurrent_weights",
+    "match_patterns",
+]
 
 Role = Literal["recurrent", "input", "bias", "linear"]
 """What a weight does: hidden-to-hidden (``weight_hh``, ``weight_hr``, custom matrices),
@@ -76,7 +83,8 @@ class WeightRecord:
         return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
 
 
-def _cell_type(module: nn.Module) -> str:
+def cell_type_of(module: nn.Module) -> str:
+    """``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"`` for a fused layer or a built-in cell."""
     if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         return "lstm"
     if isinstance(module, (nn.GRU, nn.GRUCell)):
@@ -93,7 +101,7 @@ def _cell_records(
     input_size: int,
 ) -> list[WeightRecord]:
     """Records of one cell (one layer/direction of a fused module, or an ``nn.*Cell``)."""
-    cell_type = _cell_type(module)
+    cell_type = cell_type_of(module)
     gates, nonlinearities = _GATES[cell_type]
     hidden_size: int = module.hidden_size
     recurrent_width = getattr(module, "proj_size", 0) or hidden_size

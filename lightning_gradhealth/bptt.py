@@ -1,0 +1,610 @@
+r"""Exact per-timestep gradient norms through time, :math:`\|\partial L / \partial h_t\|` for every t.
+
+:math:`\partial L/\partial h_t` here is the TOTAL derivative: the direct gradient arriving at the
+layer's output at step t plus everything that flows back through :math:`h_{t+1}, h_{t+2}, \dots`
+A hook on a fused layer's output sees only the direct part, and fused kernels hide the inner
+states, so this module measures in two ways:
+
+- Cells (``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``, and custom cells you mark) are called
+  once per timestep by your own loop, and autograd accumulates every path into each call's
+  output: a tensor hook on ``h_t`` (and ``c_t``) receives the total derivative directly.
+- Fused layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): the layer's input, initial states, and the
+  gradients arriving at its outputs (the output sequence, ``h_n`` and ``c_n``) are captured
+  during the real step; afterwards :func:`backward_through_time` recomputes the gates in one
+  batched matrix product and runs the exact backward recursion of the cell by hand, layer by
+  layer (top-down) and direction by direction. It costs about one forward pass plus the
+  recurrent half of a backward pass, with no weight gradients.
+
+Everything runs on the weights' own device, in float32 (float64 for float64 weights), under
+``torch.no_grad()``.
+
+Examples:
+    >>> import torch
+    >>> lstm = torch.nn.LSTM(3, 8)
+    >>> probe = TimestepProbe(torch.nn.ModuleDict({"rnn": lstm}))
+    >>> probe.attach(); probe.arm()
+    >>> output, _ = lstm(torch.randn(20, 4, 3))
+    >>> output[-1].sum().backward()                    # the loss sees only the last step
+    >>> norms = probe.compute()
+    >>> sorted(norms), tuple(norms["rnn.l0"].shape)
+    (['rnn.l0', 'rnn.l0.cell'], (20,))
+    >>> probe.detach()
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gradhealth.layers import cell_type_of
+
+__all__ = [
+    "CellWeights",
+    "FusedCapture",
+    "TimestepGrads",
+    "TimestepProbe",
+    "backward_through_time",
+    "fused_timestep_grads",
+    "reverse_padded",
+    "timestep_norms",
+]
+
+
+@dataclass(frozen=True)
+class CellWeights:
+    """The weights of one layer/direction, PyTorch layout (gate blocks stacked along rows)."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Optional[Tensor] = None
+    b_hh: Optional[Tensor] = None
+    w_hr: Optional[Tensor] = None
+
+    def to(self, dtype: torch.dtype) -> "CellWeights":
+        """The same weights, detached, in ``dtype``."""
+        cast = lambda w: None if w is None else w.detach().to(dtype)  # noqa: E731
+        return CellWeights(cast(self.w_ih), cast(self.w_hh), cast(self.b_ih), cast(self.b_hh), cast(self.w_hr))
+
+
+@dataclass(frozen=True)
+class TimestepGrads:
+    """Total derivatives of the loss for one layer/direction, time-major.
+
+    Attributes:
+        state: ``(T, B, H_out)``: dL/dh_t, the layer's output state (projected for ``proj_size``).
+        cell: ``(T, B, H)``: dL/dc_t for an LSTM, else ``None``.
+        input: ``(T, B, I)``: dL/dx_t, the gradient this layer sends to its input.
+    """
+
+    state: Tensor
+    cell: Optional[Tensor]
+    input: Tensor
+
+
+def timestep_norms(grads: Tensor) -> Tensor:
+    r"""Frobenius norm over batch and hidden units at every timestep: ``(T, B, H) -> (T,)``.
+
+    Examples:
+        >>> timestep_norms(torch.ones(2, 4, 9))
+        tensor([6., 6.])
+    """
+    return torch.linalg.vector_norm(grads.flatten(1), dim=1)
+
+
+def reverse_padded(sequence: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """Reverse each sequence of a time-major padded batch within its own length; pads stay zero.
+
+    This is the order in which the backward direction of a bidirectional layer reads its input;
+    applying it twice gives the original (on valid steps).
+
+    Examples:
+        >>> x = torch.tensor([[1., 10.], [2., 20.], [3., 0.]]).unsqueeze(-1)  # lengths 3 and 2
+        >>> reverse_padded(x, torch.tensor([3, 2])).squeeze(-1)
+        tensor([[ 3., 20.],
+                [ 2., 10.],
+                [ 1.,  0.]])
+    """
+    if lengths is None:
+        return sequence.flip(0)
+    steps = sequence.shape[0]
+    source = lengths.to(sequence.device)[None, :] - 1 - torch.arange(steps, device=sequence.device)[:, None]
+    valid = source >= 0
+    index = source.clamp(min=0)[..., None].expand_as(sequence)
+    return torch.gather(sequence, 0, index) * valid[..., None]
+
+
+def _previous_states(states: Tensor, initial: Tensor) -> Tensor:
+    """``h_{t-1}`` for every t: the initial state followed by all states but the last."""
+    return torch.cat([initial[None], states[:-1]])
+
+
+def _at_last_steps(final_grad: Optional[Tensor], steps: int, lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """``(T, B, H)`` zeros with each sequence's gradient on its final state placed at its last step."""
+    if final_grad is None:
+        return None
+    placed = final_grad.new_zeros((steps, *final_grad.shape))
+    if lengths is None:
+        placed[-1] = final_grad
+    else:
+        batch = torch.arange(final_grad.shape[0], device=final_grad.device)
+        placed[lengths.to(final_grad.device) - 1, batch] = final_grad
+    return placed
+
+
+def backward_through_time(
+    cell_type: str,
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    initial_cell: Optional[Tensor] = None,
+    final_cell_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r"""Exact total derivatives dL/dh_t (and dL/dc_t) of one recurrent layer, one direction.
+
+    Recomputes the gates from the inputs and the layer's own output states in one batched
+    product, then runs the cell's backward recursion from the last step to the first:
+
+    .. math::
+        \frac{\partial L}{\partial h_t} = \underbrace{\delta_t}_{\text{direct}}
+            + W_{hh}^\top \frac{\partial L}{\partial a_{t+1}}
+            \;(+\; \text{the GRU's } z_{t+1} \odot \tfrac{\partial L}{\partial h_{t+1}}),
+
+    where :math:`a_t` are the gate pre-activations. For an LSTM,
+    :math:`\partial L/\partial c_t = \partial L/\partial \tilde h_t \odot o_t \odot (1 - \tanh^2 c_t)
+    + f_{t+1} \odot \partial L/\partial c_{t+1}` with :math:`\tilde h_t` the unprojected state
+    (:math:`h_t = W_{hr} \tilde h_t` with ``proj_size``).
+
+    Args:
+        cell_type: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``.
+        weights: this layer/direction's weights.
+        inputs: ``(T, B, I)`` the layer's input, time-major, in the direction's reading order.
+        states: ``(T, B, H_out)`` the states h_t the layer produced (its output sequence).
+        initial_state: ``(B, H_out)`` h_{-1}.
+        output_grads: ``(T, B, H_out)`` the direct gradient on each h_t (zero on padding).
+        final_state_grad: ``(B, H_out)`` gradient on the final state h_n, if any.
+        initial_cell: ``(B, H)`` c_{-1}, LSTM only.
+        final_cell_grad: ``(B, H)`` gradient on c_n, LSTM only.
+        lengths: ``(B,)`` valid steps per sequence for packed input; steps past a sequence's
+            length get zero gradient, and its h_n gradient enters at its own last step.
+
+    Returns:
+        :class:`TimestepGrads`, in the same time order as ``inputs``.
+    """
+    steps = inputs.shape[0]
+    final_state_part = _at_last_steps(final_state_grad, steps, lengths)
+    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
+    previous = _previous_states(states, initial_state)
+    input_part = inputs @ weights.w_ih.T
+    recurrent_part = previous @ weights.w_hh.T
+    if weights.b_ih is not None:
+        input_part = input_part + weights.b_ih
+    if weights.b_hh is not None:
+        recurrent_part = recurrent_part + weights.b_hh
+    pre_activation_grads = torch.empty_like(input_part)
+    state_grads = torch.empty_like(states)
+    carry = torch.zeros_like(initial_state)
+
+    if cell_type in ("rnn_tanh", "rnn_relu"):
+        if cell_type == "rnn_tanh":
+            derivative = 1 - states * states
+        else:
+            derivative = ((input_part + recurrent_part) > 0).to(states.dtype)
+        for t in reversed(range(steps)):
+            grad_h = direct_grads[t] + carry
+            state_grads[t] = grad_h
+            pre_activation_grads[t] = grad_h * derivative[t]
+            carry = pre_activation_grads[t] @ weights.w_hh
+        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
+
+    if cell_type == "gru":
+        input_r, input_z, input_n = input_part.chunk(3, dim=-1)
+        hidden_r, hidden_z, hidden_n = recurrent_part.chunk(3, dim=-1)
+        reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+        candidate = torch.tanh(input_n + reset * hidden_n)
+        recurrent_grads = torch.empty_like(recurrent_part)
+        for t in reversed(range(steps)):
+            grad_h = direct_grads[t] + carry
+            state_grads[t] = grad_h
+            grad_n = grad_h * (1 - update[t]) * (1 - candidate[t] * candidate[t])
+            grad_r = grad_n * hidden_n[t] * reset[t] * (1 - reset[t])
+            grad_z = grad_h * (previous[t] - candidate[t]) * update[t] * (1 - update[t])
+            pre_activation_grads[t] = torch.cat([grad_r, grad_z, grad_n], dim=-1)
+            recurrent_grads[t] = torch.cat([grad_r, grad_z, grad_n * reset[t]], dim=-1)
+            carry = grad_h * update[t] + recurrent_grads[t] @ weights.w_hh
+        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
+
+    if cell_type != "lstm":
+        raise ValueError(f"unknown cell type {cell_type!r}; expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'")
+    if initial_cell is None:
+        raise ValueError("an LSTM needs its initial cell state")
+    gate_input, gate_forget, gate_cell, gate_output = (input_part + recurrent_part).chunk(4, dim=-1)
+    gate_input, gate_forget, gate_output = gate_input.sigmoid(), gate_forget.sigmoid(), gate_output.sigmoid()
+    gate_cell = gate_cell.tanh()
+    cells = torch.empty_like(gate_cell)
+    cell = initial_cell
+    for t in range(steps):
+        cell = gate_forget[t] * cell + gate_input[t] * gate_cell[t]
+        cells[t] = cell
+    previous_cells = _previous_states(cells, initial_cell)
+    tanh_cells = cells.tanh()
+    cell_grads = torch.empty_like(cells)
+    carry_cell = torch.zeros_like(initial_cell)
+    final_cell_part = _at_last_steps(final_cell_grad, steps, lengths)
+    for t in reversed(range(steps)):
+        grad_h = direct_grads[t] + carry
+        state_grads[t] = grad_h
+        grad_unprojected = grad_h if weights.w_hr is None else grad_h @ weights.w_hr
+        grad_c = grad_unprojected * gate_output[t] * (1 - tanh_cells[t] * tanh_cells[t]) + carry_cell
+        if final_cell_part is not None:
+            grad_c = grad_c + final_cell_part[t]
+        cell_grads[t] = grad_c
+        pre_activation_grads[t] = torch.cat(
+            [
+                grad_c * gate_cell[t] * gate_input[t] * (1 - gate_input[t]),
+                grad_c * previous_cells[t] * gate_forget[t] * (1 - gate_forget[t]),
+                grad_c * gate_input[t] * (1 - gate_cell[t] * gate_cell[t]),
+                grad_unprojected * tanh_cells[t] * gate_output[t] * (1 - gate_output[t]),
+            ],
+            dim=-1,
+        )
+        carry = pre_activation_grads[t] @ weights.w_hh
+        carry_cell = grad_c * gate_forget[t]
+    return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih)
+
+
+@dataclass
+class FusedCapture:
+    """What one call of a fused layer leaves for the probe, time-major and padded.
+
+    ``inputs``, ``outputs`` and the initial states are detached copies taken at forward time;
+    the three gradients are filled by tensor hooks during the backward pass (``None`` where
+    the loss does not depend on that output). ``to_time_major`` turns the raw gradient of the
+    output (packed, batch-first or unbatched, like the output itself) into ``(T, B, F)``.
+    """
+
+    inputs: Tensor
+    outputs: Tensor
+    initial_states: Tensor
+    initial_cells: Optional[Tensor]
+    lengths: Optional[Tensor]
+    to_time_major: Callable[[Tensor], Tensor]
+    batched: bool
+    output_grad: Optional[Tensor] = None
+    final_state_grad: Optional[Tensor] = None
+    final_cell_grad: Optional[Tensor] = None
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+
+def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
+    """A tensor hook that adds the incoming gradient into ``capture.<name>`` (it may fire again with retain_graph)."""
+
+    def hook(grad: Tensor) -> None:
+        previous = getattr(capture, name)
+        setattr(capture, name, grad.detach() if previous is None else previous + grad.detach())
+
+    return hook
+
+
+def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Optional[FusedCapture]:
+    """Record one forward call of ``module`` and hook the gradients of its outputs.
+
+    Returns ``None`` when no output requires grad (nothing will flow back through this call).
+    """
+    inputs, hx = args[0], args[1] if len(args) > 1 else kwargs.get("hx")
+    sequence, finals = output
+    final_state, final_cell = finals if isinstance(finals, tuple) else (finals, None)
+    if isinstance(inputs, PackedSequence):
+        padded_inputs, lengths = pad_packed_sequence(inputs)
+        padded_outputs, _ = pad_packed_sequence(sequence)
+        steps, batched, grad_target = padded_outputs.shape[0], True, sequence.data
+
+        def to_time_major(grad: Tensor) -> Tensor:
+            packed = PackedSequence(grad, sequence.batch_sizes, sequence.sorted_indices, sequence.unsorted_indices)
+            return pad_packed_sequence(packed, total_length=steps)[0]
+
+    else:
+        batched, lengths, grad_target = inputs.dim() == 3, None, sequence
+        if not batched:
+            to_time_major = lambda grad: grad.unsqueeze(1)  # noqa: E731
+        elif module.batch_first:
+            to_time_major = lambda grad: grad.transpose(0, 1)  # noqa: E731
+        else:
+            to_time_major = lambda grad: grad  # noqa: E731
+        padded_inputs, padded_outputs = to_time_major(inputs), to_time_major(sequence)
+    if not (grad_target.requires_grad or final_state.requires_grad):
+        return None
+
+    directions = 2 if module.bidirectional else 1
+    state_shape = (module.num_layers * directions, padded_inputs.shape[1], module.proj_size or module.hidden_size)
+    cell_shape = (*state_shape[:2], module.hidden_size)
+    initial = hx if isinstance(hx, tuple) else (hx, None)
+    as_batched = (lambda t: t) if batched else (lambda t: t.unsqueeze(1))
+    initial_states = padded_outputs.new_zeros(state_shape) if initial[0] is None else as_batched(initial[0]).detach()
+    initial_cells = None
+    if isinstance(module, nn.LSTM):
+        initial_cells = padded_outputs.new_zeros(cell_shape) if initial[1] is None else as_batched(initial[1]).detach()
+    capture = FusedCapture(
+        padded_inputs.detach(), padded_outputs.detach(), initial_states, initial_cells, lengths, to_time_major, batched
+    )
+    for tensor, name in ((grad_target, "output_grad"), (final_state, "final_state_grad"), (final_cell, "final_cell_grad")):
+        if tensor is not None and tensor.requires_grad:
+            capture.handles.append(tensor.register_hook(_accumulate(capture, name)))
+    return capture
+
+
+def _layer_parameters(module: nn.RNNBase, layer: int) -> dict[str, Tensor]:
+    """One layer's parameters of a fused module, renamed as layer 0 of a one-layer module."""
+    renamed = {}
+    for name, param in module.named_parameters(recurse=False):
+        base, _, rest = name.rpartition("_l")
+        number, _, direction = rest.partition("_")
+        if int(number) == layer:
+            renamed[f"{base}_l0" + (f"_{direction}" if direction else "")] = param
+    return renamed
+
+
+def _layer_forward(
+    module: nn.RNNBase, layer: int, inputs: Tensor, states: Tensor, cells: Optional[Tensor], lengths: Optional[Tensor]
+) -> Tensor:
+    """The output sequence of one layer (both directions) of ``module``, time-major and padded."""
+    one_layer = type(module)(
+        inputs.shape[-1],
+        module.hidden_size,
+        num_layers=1,
+        bias=module.bias,
+        bidirectional=module.bidirectional,
+        device="meta",
+        **({"proj_size": module.proj_size} if isinstance(module, nn.LSTM) else {}),
+        **({"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNN) else {}),
+    )
+    hx = states if cells is None else (states, cells)
+    sequence: Any = inputs if lengths is None else pack_padded_sequence(inputs, lengths, enforce_sorted=False)
+    output, _ = functional_call(one_layer, _layer_parameters(module, layer), (sequence, hx))
+    return output if lengths is None else pad_packed_sequence(output, total_length=inputs.shape[0])[0]
+
+
+def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: float = 1.0) -> dict[str, TimestepGrads]:
+    """Exact per-timestep total gradients of every layer and direction of a fused module.
+
+    Lower layers' states are recomputed with the layer's own kernel; layers are processed top
+    down, each layer's input gradient being the direct gradient of the layer below. Gradients
+    are divided by ``grad_scale`` (the AMP loss scale the hooks saw).
+
+    Returns:
+        ``{"l0": ..., "l0_reverse": ..., "l1": ...}``: one :class:`TimestepGrads` per layer and
+        direction, entries indexed by input position (the reverse direction unflipped).
+    """
+    weight = module.weight_hh_l0
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    directions = 2 if module.bidirectional else 1
+    width = module.proj_size or module.hidden_size
+    lengths = capture.lengths
+
+    def prepared(tensor: Optional[Tensor]) -> Optional[Tensor]:
+        return None if tensor is None else tensor.to(device=weight.device, dtype=dtype) / grad_scale
+
+    layer_inputs = [capture.inputs.to(device=weight.device, dtype=dtype)]
+    states = capture.initial_states.to(weight.device, dtype)
+    cells = None if capture.initial_cells is None else capture.initial_cells.to(weight.device, dtype)
+    for layer in range(module.num_layers - 1):
+        rows = slice(layer * directions, (layer + 1) * directions)
+        layer_inputs.append(
+            _layer_forward(module, layer, layer_inputs[-1], states[rows], None if cells is None else cells[rows], lengths)
+        )
+    layer_outputs = layer_inputs[1:] + [capture.outputs.to(weight.device, dtype)]
+
+    raw_output_grad = prepared(capture.output_grad)
+    direct = torch.zeros_like(layer_outputs[-1]) if raw_output_grad is None else capture.to_time_major(raw_output_grad)
+    final_states = prepared(capture.final_state_grad)
+    final_cells = prepared(capture.final_cell_grad)
+    if final_states is not None and not capture.batched:
+        final_states = final_states.unsqueeze(1)
+        final_cells = None if final_cells is None else final_cells.unsqueeze(1)
+
+    results: dict[str, TimestepGrads] = {}
+    for layer in reversed(range(module.num_layers)):
+        below = torch.zeros_like(layer_inputs[layer])
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            weights = CellWeights(
+                getattr(module, "weight_ih" + suffix),
+                getattr(module, "weight_hh" + suffix),
+                getattr(module, "bias_ih" + suffix, None),
+                getattr(module, "bias_hh" + suffix, None),
+                getattr(module, "weight_hr" + suffix, None),
+            ).to(dtype)
+            columns = slice(direction * width, (direction + 1) * width)
+            row = layer * directions + direction
+            order = (lambda t: reverse_padded(t, lengths)) if direction else (lambda t: t)
+            grads = backward_through_time(
+                cell_type_of(module),
+                weights,
+                order(layer_inputs[layer]),
+                order(layer_outputs[layer][..., columns]),
+                states[row],
+                order(direct[..., columns]),
+                None if final_states is None else final_states[row],
+                None if cells is None else cells[row],
+                None if final_cells is None else final_cells[row],
+                lengths,
+            )
+            results[suffix[1:]] = TimestepGrads(
+                order(grads.state), None if grads.cell is None else order(grads.cell), order(grads.input)
+            )
+            below += results[suffix[1:]].input
+        direct = below
+    return results
+
+
+@dataclass
+class _CellCalls:
+    """Gradients of one cell module's outputs over one step: entry t is the t-th call (``None``
+    until a gradient arrives; it stays ``None`` if the loss does not depend on that output)."""
+
+    state_grads: list[Optional[Tensor]] = field(default_factory=list)
+    cell_grads: list[Optional[Tensor]] = field(default_factory=list)
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+
+class TimestepProbe:
+    """Measures ||dL/dh_t|| for every recurrent layer of a model on the steps you arm it for.
+
+    ``attach`` registers one forward hook per recurrent module; while the probe is not armed
+    the hooks return at once, and they hold no tensor. ``arm()`` before a forward pass makes
+    them capture that pass (the first call of each fused layer; every call of a cell, one call
+    per timestep); after the backward pass, ``compute()`` returns the norms and releases
+    everything captured.
+
+    Args:
+        model: the module tree to watch.
+        custom_cells: glob patterns over module names of your own cells: modules called once
+            per timestep whose output is ``h_t`` or a tuple ``(h_t, c_t, ...)``.
+
+    Raises:
+        ValueError: a ``custom_cells`` pattern matches no module.
+    """
+
+    def __init__(self, model: nn.Module, custom_cells: Sequence[str] = ()) -> None:
+        module_names = [name for name, _ in model.named_modules()]
+        for pattern in custom_cells:
+            if not fnmatch.filter(module_names, pattern):
+                raise ValueError(f"custom_cells pattern {pattern!r} matches no module of the model")
+        self.fused: dict[str, nn.RNNBase] = {}
+        self.cells: dict[str, nn.Module] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                self.fused[name] = module
+            elif isinstance(module, nn.RNNCellBase) or any(fnmatch.fnmatchcase(name, p) for p in custom_cells):
+                self.cells[name] = module
+        self.armed = False
+        self.repeated_calls: set[str] = set()
+        self._fused_captures: dict[str, FusedCapture] = {}
+        self._cell_calls: dict[str, _CellCalls] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if self._handles:
+            return
+        for name, module in self.fused.items():
+            self._handles.append(module.register_forward_hook(self._fused_hook(name), with_kwargs=True))
+        for name, module in self.cells.items():
+            self._handles.append(module.register_forward_hook(self._cell_hook(name)))
+
+    def detach(self) -> None:
+        """Remove every hook and release what was captured: the model is as it was."""
+        self.release()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def arm(self) -> None:
+        """Capture the next forward pass(es) until :meth:`compute` or :meth:`release`."""
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Stop capturing new calls; what was captured stays until :meth:`compute` or :meth:`release`."""
+        self.armed = False
+
+    @property
+    def has_captures(self) -> bool:
+        """Whether a forward pass was captured since the last release."""
+        return bool(self._fused_captures or self._cell_calls)
+
+    def release(self) -> None:
+        """Drop every captured tensor and gradient hook, and disarm."""
+        self.armed = False
+        for capture in [*self._fused_captures.values(), *self._cell_calls.values()]:
+            for handle in capture.handles:
+                handle.remove()
+        self._fused_captures.clear()
+        self._cell_calls.clear()
+
+    def _fused_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not self.armed:
+                return
+            if name in self._fused_captures:
+                self.repeated_calls.add(name)
+                return
+            capture = capture_fused_call(module, args, kwargs, output)
+            if capture is not None:
+                self._fused_captures[name] = capture
+
+        return hook
+
+    def _cell_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.armed:
+                return
+            calls = self._cell_calls.setdefault(name, _CellCalls())
+            state, cell = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
+            for tensor, grads in ((state, calls.state_grads), (cell, calls.cell_grads)):
+                if not isinstance(tensor, Tensor):
+                    continue
+                grads.append(None)
+                if tensor.requires_grad:
+                    calls.handles.append(tensor.register_hook(_accumulate_into(grads, len(grads) - 1)))
+
+        return hook
+
+    def compute(self, grad_scale: float = 1.0) -> dict[str, Tensor]:
+        """Per-timestep norms of the captured pass, then :meth:`release`.
+
+        Args:
+            grad_scale: the AMP loss scale the backward pass ran with (hooks see scaled
+                gradients); norms are divided by it.
+
+        Returns:
+            ``{key: (T,) float tensor on the CPU}``: keys as in the public contract, e.g.
+            ``"encoder.rnn.l1_reverse"`` and, for LSTM cell states, ``"encoder.rnn.l1_reverse.cell"``.
+        """
+        norms: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, capture in self._fused_captures.items():
+                    module = self.fused[name]
+                    for layer_key, grads in fused_timestep_grads(module, capture, grad_scale).items():
+                        key = f"{name}.{layer_key}" if name else layer_key
+                        norms[key] = timestep_norms(grads.state)
+                        if grads.cell is not None:
+                            norms[key + ".cell"] = timestep_norms(grads.cell)
+                for name, calls in self._cell_calls.items():
+                    norms[name] = _call_norms(calls.state_grads) / grad_scale
+                    if calls.cell_grads:
+                        norms[name + ".cell"] = _call_norms(calls.cell_grads) / grad_scale
+        finally:
+            self.release()
+        return {key: value.float().cpu() for key, value in norms.items()}
+
+
+def _accumulate_into(grads: list[Optional[Tensor]], slot: int) -> Callable[[Tensor], None]:
+    """A tensor hook that adds the incoming gradient into ``grads[slot]``."""
+
+    def hook(grad: Tensor) -> None:
+        previous = grads[slot]
+        grads[slot] = grad.detach() if previous is None else previous + grad.detach()
+
+    return hook
+
+
+def _call_norms(grads: list[Optional[Tensor]]) -> Tensor:
+    """``(T,)`` Frobenius norms of per-call gradients; a call whose output got no gradient counts 0."""
+    present = next(g for g in grads if g is not None) if any(g is not None for g in grads) else None
+    if present is None:
+        return torch.zeros(len(grads))
+    return torch.stack(
+        [torch.linalg.vector_norm(g.float()) if g is not None else present.new_zeros((), dtype=torch.float32) for g in grads]
+    )
