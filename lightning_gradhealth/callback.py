@@ -1,25 +1,69 @@
 """GradHealth: the Lightning callback. It schedules and wires; the math lives in the other modules.
 
-At the start of fit it finds every recurrent layer and, when ``init`` is given, initializes it
-once (:mod:`lightning_gradhealth.initialize`).
+- ``on_fit_start``: find the recurrent layers, initialize them once
+  (:mod:`~lightning_gradhealth.initialize`), attach the timestep probe's forward hooks
+  (:mod:`~lightning_gradhealth.bptt`).
+- ``on_train_batch_start`` of a sampled step: arm the probe, so the step's forward pass is
+  captured. On every other step the callback does a counter check and nothing else.
+- ``on_before_optimizer_step`` (gradients are AMP-unscaled and accumulation is complete): compute
+  the per-timestep norms, summarize (:mod:`~lightning_gradhealth.health`), log, release.
+- end of fit (or an exception): remove every hook.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_gradhealth._compat import CallbackBase
+from lightning_gradhealth.bptt import TimestepProbe
+from lightning_gradhealth.figures import timestep_curve_image, timestep_heatmap_image
+from lightning_gradhealth.health import TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.initialize import InitConfig, InitRecord, apply_init_, format_init_report
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights
+from lightning_gradhealth.tensorboard import add_images, log_scalars, tensorboard_writers
 
 __all__ = ["GradHealth"]
 
 
+_HINTS = {
+    "vanishing": "what usually helps: orthogonal or identity init of the recurrent matrices "
+    "(GradHealth(init=\"orthogonal\")), an LSTM or GRU instead of a plain RNN, chrono biases for "
+    "long dependencies (chrono_t_max=T), or a shorter sequence / truncated BPTT",
+    "exploding": "what usually helps: gradient clipping (Trainer(gradient_clip_val=1.0)), orthogonal "
+    "init of the recurrent matrices (GradHealth(init=\"orthogonal\")), a lower learning rate",
+    "nonfinite": "the gradient through time is NaN or Inf: check the loss, the learning rate and the "
+    "input data; clipping and a lower learning rate usually help",
+}
+
+
+def _positive_int_or_none(name: str, value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+
+
+def _positive_finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _optimizer_steps(trainer: Any) -> int:
+    """The step Lightning logs at: optimizer steps taken so far (once per accumulation window)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _loss_scale(trainer: Any) -> float:
+    """The AMP loss scale of the current backward pass (1.0 without a GradScaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
 class GradHealth(CallbackBase):
-    """Gradient health for recurrent networks: principled init at the start of fit.
+    """Gradient health for recurrent networks: principled init, exact gradients through time.
 
     With no arguments it changes no weight, so a team template can enable it for every run,
     fine-tuning included. With ``init`` it initializes every ``nn.RNN``/``nn.LSTM``/``nn.GRU``
@@ -28,6 +72,15 @@ class GradHealth(CallbackBase):
     ``configure_model`` and before the first optimizer step; never when resuming from a
     checkpoint (``trainer.fit(ckpt_path=...)``) nor on a second ``fit``. Under DDP every rank
     draws from rank 0's seed, so the weights are identical on every rank.
+
+    Every ``log_every_n_steps`` optimizer steps it measures the exact norm of dL/dh_t at every
+    timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
+    direction, ``gradhealth/<layer>/transmission``, ``.../horizon``, ``.../rate_per_step``,
+    ``.../grad_norm_first`` and ``.../grad_norm_last`` (definitions in
+    :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps two pictures to
+    TensorBoard: the latest curve over t and a heatmap over (training step, t). L is the loss
+    Lightning backpropagates (divided by ``accumulate_grad_batches``; the first micro-batch of
+    the window is measured), AMP-unscaled.
 
     Args:
         init: scheme of the hidden-to-hidden matrices: ``"orthogonal"``, ``"glorot"``
@@ -49,27 +102,46 @@ class GradHealth(CallbackBase):
             pretrained weights loaded before fit: ``["encoder.*"]``.
         seed: seed of the init draws; default ``torch.initial_seed()``, so
             ``seed_everything`` makes the init reproducible. Rank 0's value is used on all ranks.
+        timesteps: measure per-timestep gradient norms (``False``: never attach a hook).
+        custom_cells: glob patterns over module names of your own cells, modules your loop
+            calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
+        log_every_n_steps: measuring interval in optimizer steps; default the Trainer's
+            ``log_every_n_steps``.
+        full_every_n_steps: interval of the pictures; default 10 x ``log_every_n_steps``.
+        vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
+        explode_above: warn (once per layer) when that ratio rises above this.
+        horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
 
     Attributes:
         init_report: one :class:`~lightning_gradhealth.InitRecord` per parameter written.
         init_applied: whether init has run for this model (kept in checkpoints).
         init_seed: the seed the init used.
         recurrent_weights: the recurrent weights found at the start of the latest fit.
+        timestep_grad_norms: ``{layer key: (T,) tensor}`` of the latest probe, e.g.
+            ``"encoder.rnn.l1_reverse"``; LSTM cell states under the key plus ``".cell"``.
+        timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
+        timestep_history: ``{layer key: [(step, norms as a numpy array), ...]}``, the rows of
+            the heatmap (thinned to every other row when it exceeds ``history_size``).
 
     Raises:
         ValueError: at construction, for an unknown scheme name (the message lists the valid
-            names and the closest match), a negative or non-finite gain, an invalid gate count
-            or seed; at the start of fit, before any step, for a ``custom`` or ``exclude``
-            pattern that matches nothing or a gate count that does not divide its matrix.
+            names and the closest match), a negative or non-finite gain, an invalid gate count,
+            seed, interval or threshold; at the start of fit, before any step, for a
+            ``custom``, ``exclude`` or ``custom_cells`` pattern that matches nothing or a gate
+            count that does not divide its matrix.
 
     Example::
 
         from pytorch_lightning import Trainer
         from lightning_gradhealth import GradHealth
 
-        trainer = Trainer(callbacks=[GradHealth(init="orthogonal", chrono_t_max=200)])
+        health = GradHealth(init="orthogonal", chrono_t_max=200)
+        trainer = Trainer(callbacks=[health])
         trainer.fit(model)
+        health.timestep_grad_norms["rnn.l0"]   # ||dL/dh_t|| for t = 0..T-1, latest probe
     """
+
+    history_size = 256
 
     def __init__(
         self,
@@ -84,6 +156,13 @@ class GradHealth(CallbackBase):
         custom: Optional[dict[str, int]] = None,
         exclude: Optional[list[str]] = None,
         seed: Optional[int] = None,
+        timesteps: bool = True,
+        custom_cells: Optional[list[str]] = None,
+        log_every_n_steps: Optional[int] = None,
+        full_every_n_steps: Optional[int] = None,
+        vanish_below: float = 1e-3,
+        explode_above: float = 1e3,
+        horizon_factor: float = 1e3,
     ) -> None:
         self.init_config = InitConfig(
             init=init,
@@ -98,20 +177,51 @@ class GradHealth(CallbackBase):
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
+        _positive_int_or_none("log_every_n_steps", log_every_n_steps)
+        _positive_int_or_none("full_every_n_steps", full_every_n_steps)
+        for name, value in (("vanish_below", vanish_below), ("explode_above", explode_above), ("horizon_factor", horizon_factor)):
+            _positive_finite(name, value)
+        if isinstance(custom_cells, str):
+            raise ValueError(f"custom_cells must be a list of patterns, got the string {custom_cells!r}")
         self.seed = seed
+        self.timesteps = timesteps
+        self.custom_cells = list(custom_cells or [])
+        self.log_every_n_steps = log_every_n_steps
+        self.full_every_n_steps = full_every_n_steps
+        self.vanish_below = vanish_below
+        self.explode_above = explode_above
+        self.horizon_factor = horizon_factor
+
         self.init_report: list[InitRecord] = []
         self.init_applied = False
         self.init_seed: Optional[int] = None
         self.recurrent_weights: list[WeightRecord] = []
+        self.timestep_grad_norms: dict[str, torch.Tensor] = {}
+        self.timestep_summaries: dict[str, TimestepSummary] = {}
+        self.timestep_history: dict[str, list[tuple[int, np.ndarray]]] = {}
+        self._probe: Optional[TimestepProbe] = None
+        self._armed_step: Optional[int] = None
+        self._warned: set[tuple[str, str]] = set()
+        self._log_interval = 1
+        self._full_interval = 10
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Find the recurrent layers (all exist now, ``configure_model`` included) and initialize them."""
+        """Find the recurrent layers (all exist now, ``configure_model`` included), initialize them, attach the probe."""
         self.recurrent_weights = find_recurrent_weights(pl_module, self.init_config.custom)
-        if not self.recurrent_weights:
+        if self.timesteps:
+            self._probe = TimestepProbe(pl_module, self.custom_cells)
+        if not self.recurrent_weights and not (self._probe and (self._probe.fused or self._probe.cells)):
             rank_zero_warn(
                 f"GradHealth found no recurrent layer (nn.RNN/LSTM/GRU, nn.*Cell or a `custom` pattern) "
                 f"in {type(pl_module).__name__}; training proceeds untouched."
             )
+        self._log_interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        self._full_interval = self.full_every_n_steps or 10 * self._log_interval
+        self._initialize(trainer, pl_module)
+        if self._probe is not None:
+            self._probe.attach()
+
+    def _initialize(self, trainer: Any, pl_module: Any) -> None:
         if not self.init_config.changes_weights:
             return
         if self.init_applied:
@@ -129,6 +239,94 @@ class GradHealth(CallbackBase):
             f"GradHealth: initialized {len(self.init_report)} parameters of {layers} layers "
             f"(seed {seed}):\n{format_init_report(self.init_report)}"
         )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Arm the probe on the first micro-batch of a sampled optimizer step."""
+        if self._probe is None:
+            return
+        step = _optimizer_steps(trainer)
+        if step == self._armed_step:
+            return
+        if self._probe.has_captures:  # an earlier window ended without an optimizer step
+            self._probe.release()
+        if step % self._log_interval == 0:
+            self._probe.arm()
+            self._armed_step = step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Capture one micro-batch only: later micro-batches of the window run unwatched."""
+        if self._probe is not None:
+            self._probe.disarm()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Gradients are complete and unscaled here: measure, summarize, log, release."""
+        if self._probe is not None and self._probe.has_captures:
+            norms = self._probe.compute(grad_scale=_loss_scale(trainer))
+            self._record_timesteps(trainer, norms, _optimizer_steps(trainer))
+
+    def _record_timesteps(self, trainer: Any, norms: dict[str, torch.Tensor], step: int) -> None:
+        self.timestep_grad_norms = norms
+        self.timestep_summaries = {
+            key: summarize_timesteps(values, self.horizon_factor, reverse=key.removesuffix(".cell").endswith("_reverse"))
+            for key, values in norms.items()
+        }
+        metrics: dict[str, float] = {}
+        for key, summary in self.timestep_summaries.items():
+            prefix = f"gradhealth/{key}"
+            metrics.update(
+                {
+                    f"{prefix}/transmission": summary.transmission,
+                    f"{prefix}/horizon": float(summary.horizon),
+                    f"{prefix}/rate_per_step": summary.rate_per_step,
+                    f"{prefix}/grad_norm_first": summary.first_norm,
+                    f"{prefix}/grad_norm_last": summary.last_norm,
+                }
+            )
+            condition = diagnose_timesteps(summary, self.vanish_below, self.explode_above)
+            if condition is not None and not key.endswith(".cell") and (key, condition) not in self._warned:
+                self._warned.add((key, condition))
+                rank_zero_warn(
+                    f"GradHealth: {condition} gradients through time in {key!r} at step {step}: "
+                    f"||dL/dh|| is {summary.first_norm:.3g} at the layer's first step and {summary.last_norm:.3g} "
+                    f"at its last ({summary.steps} steps) "
+                    f"(transmission {summary.transmission:+.2f} decades, x{summary.rate_per_step:.3g} per step back, "
+                    f"horizon {summary.horizon} of {summary.steps} steps); {_HINTS[condition]}."
+                )
+            history = self.timestep_history.setdefault(key, [])
+            history.append((step, norms[key].numpy()))
+            if len(history) > self.history_size:
+                del history[::2]
+        log_scalars(trainer, metrics, step)
+        if step % self._full_interval == 0:
+            self._add_timestep_images(trainer, step)
+
+    def _add_timestep_images(self, trainer: Any, step: int) -> None:
+        writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
+        if not writers:
+            return
+        images = {}
+        for key, values in self.timestep_grad_norms.items():
+            if key.endswith(".cell") and key[: -len(".cell")] in self.timestep_grad_norms:
+                continue
+            curves = {key: values, **({key + ".cell": self.timestep_grad_norms[key + ".cell"]} if key + ".cell" in self.timestep_grad_norms else {})}
+            images[f"gradhealth/{key}/timestep_grad_norms"] = timestep_curve_image(curves, key, step)
+            steps, rows = zip(*self.timestep_history[key])
+            images[f"gradhealth/{key}/timestep_heatmap"] = timestep_heatmap_image(steps, rows, key)
+        add_images(writers, images, step)
+
+    def _detach(self) -> None:
+        if self._probe is not None:
+            self._probe.detach()
+            self._probe = None
+        self._armed_step = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Remove every hook: after fit the model runs at full speed and pickles."""
+        self._detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Remove every hook, so a failed run leaves the model as it was."""
+        self._detach()
 
     def state_dict(self) -> dict[str, Any]:
         """Whether init was applied, and with which seed, so a resumed run never re-initializes."""

@@ -1,0 +1,180 @@
+"""Per-timestep gradient norms inside real Lightning fits, against the unrolled autograd reference."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import pytorch_lightning
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from conftest import PLSequenceModel, trainer_kwargs
+from lightning_gradhealth import GradHealth
+from reference_rnn import reference_norms, unrolled
+
+
+class RecordBatches(pytorch_lightning.Callback):
+    """Keeps each training batch and a copy of the module as it was before that batch's step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, nn.Module]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((batch, copy.deepcopy(pl_module)))
+
+
+def _reference_for(model: PLSequenceModel, batch, loss_divisor: float = 1.0) -> dict[str, torch.Tensor]:
+    """Norms of dL/dh_t from the unrolled reference for the test model's loss on ``batch``."""
+    x, y = batch
+    layer = model.rnn
+    directions = 2 if layer.bidirectional else 1
+    shape = (layer.num_layers * directions, x.shape[0], layer.hidden_size)
+    c0 = torch.zeros(shape) if isinstance(layer, nn.LSTM) else None
+    cell_type = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn_tanh"}[type(layer)]
+    output, _, _, states, cells = unrolled(layer, cell_type, x.transpose(0, 1), torch.zeros(shape), c0)
+    loss = nn.functional.mse_loss(model.head(output[-1]), y) / loss_divisor
+    loss.backward()
+    norms = {f"rnn.{key}": reference_norms(tensors) for key, tensors in states.items()}
+    norms.update({f"rnn.{key}.cell": reference_norms(tensors) for key, tensors in cells.items() if tensors[0] is not None})
+    return norms
+
+
+def _stacked_lstm() -> nn.Module:
+    return nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+
+
+def test_norms_in_a_real_fit_equal_the_unrolled_reference_on_the_sampled_batch(tmp_path):
+    torch.manual_seed(0)
+    model, recorder, health = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth()
+    trainer = pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=5, log_every_n_steps=2))
+    trainer.fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l1_reverse"]] == [0, 2, 4]
+    batch, model_before = recorder.seen[4]
+    expected = _reference_for(model_before, batch)
+    assert set(health.timestep_grad_norms) == set(expected)
+    for key, values in expected.items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+
+
+def test_with_gradient_accumulation_the_first_micro_batch_is_measured_with_the_divided_loss():
+    torch.manual_seed(0)
+    model, recorder, health = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth()
+    trainer = pytorch_lightning.Trainer(
+        callbacks=[recorder, health], **trainer_kwargs(max_steps=3, log_every_n_steps=2, accumulate_grad_batches=2)
+    )
+    trainer.fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 2]
+    batch, model_before = recorder.seen[4]  # step 2 = micro-batches 4 and 5
+    for key, values in _reference_for(model_before, batch, loss_divisor=2).items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("build", [lambda: nn.GRU(3, 8, batch_first=True), lambda: nn.RNN(3, 8, batch_first=True)])
+def test_16_mixed_norms_are_unscaled(build):
+    """A real GradScaler on CPU (fp16 autocast): the norms do not depend on the loss scale."""
+    results = []
+    for init_scale in (1.0, 4096.0):
+        torch.manual_seed(0)
+        health = GradHealth()
+        precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+        trainer = pytorch_lightning.Trainer(callbacks=[health], plugins=[precision], **trainer_kwargs(max_steps=1, log_every_n_steps=1))
+        trainer.fit(PLSequenceModel(build=build))
+        results.append(health.timestep_grad_norms["rnn.l0"])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-3, atol=0)
+    assert results[0].dtype == torch.float32 and bool((results[0] > 0).all())
+
+
+def _event_file_data(log_dir):
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_scalars_and_pictures_reach_the_tensorboard_event_file(tmp_path):
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    health = GradHealth(log_every_n_steps=2, full_every_n_steps=4)
+    trainer = pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=5, logger=logger))
+    trainer.fit(PLSequenceModel())
+    events = _event_file_data(logger.log_dir)
+    tags = events.Tags()
+    for name in ("transmission", "horizon", "rate_per_step", "grad_norm_first", "grad_norm_last"):
+        assert f"gradhealth/rnn.l0/{name}" in tags["scalars"]
+        assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{name}")] == [0, 2, 4]
+    assert f"gradhealth/rnn.l0.cell/transmission" in tags["scalars"]
+    last = events.Scalars("gradhealth/rnn.l0/grad_norm_last")[-1].value
+    assert last == pytest.approx(health.timestep_grad_norms["rnn.l0"][-1].item(), rel=1e-6)
+    for picture in ("timestep_grad_norms", "timestep_heatmap"):
+        images = events.Images(f"gradhealth/rnn.l0/{picture}")
+        assert [image.step for image in images] == [0, 4]
+        assert images[0].width > 100 and images[0].height > 100
+
+
+def test_vanishing_gradients_are_reported_once_per_layer_with_numbers_and_advice():
+    torch.manual_seed(0)
+    health = GradHealth(init="uniform", log_every_n_steps=1)
+    model = PLSequenceModel(build=lambda: nn.RNN(3, 8, batch_first=True), seq_len=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=4)).fit(model)
+    ours = [str(w.message) for w in caught if "gradients through time" in str(w.message)]
+    assert len(ours) == 1
+    assert "vanishing gradients through time in 'rnn.l0'" in ours[0]
+    assert "horizon" in ours[0] and "orthogonal" in ours[0]
+    assert health.timestep_summaries["rnn.l0"].transmission < -3
+
+
+class WithValidation(PLSequenceModel):
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_no_probe_during_validation_and_hooks_are_gone_after_fit():
+    torch.manual_seed(0)
+    model, health = WithValidation(), GradHealth(log_every_n_steps=1)
+    trainer = pytorch_lightning.Trainer(
+        callbacks=[health], **trainer_kwargs(max_steps=4, val_check_interval=2, num_sanity_val_steps=2)
+    )
+    trainer.fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1, 2, 3]
+    assert not model.rnn._forward_hooks and not model.rnn._forward_hooks_with_kwargs
+    pickle.dumps(model)
+
+
+def test_manual_optimization_is_measured_inside_optimizer_step():
+    torch.manual_seed(0)
+
+    class Manual(PLSequenceModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizer.step()
+
+    health = GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3)).fit(Manual())
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1, 2]
+
+
+def test_timesteps_false_attaches_nothing():
+    model, health = PLSequenceModel(), GradHealth(timesteps=False)
+
+    class CheckHooks(pytorch_lightning.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            assert not pl_module.rnn._forward_hooks
+
+    pytorch_lightning.Trainer(callbacks=[health, CheckHooks()], **trainer_kwargs()).fit(model)
+    assert health.timestep_grad_norms == {}
