@@ -12,15 +12,25 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from collections import defaultdict
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_gradhealth._compat import CallbackBase
+from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, check_positive_int_or_none
 from lightning_gradhealth.bptt import TimestepProbe
+from lightning_gradhealth.clipping import (
+    ClipStats,
+    ClipThresholdSuggester,
+    clip_grads_,
+    grad_norms,
+    group_grad_norms,
+    nonfinite_grads,
+    validate_clip_args,
+)
 from lightning_gradhealth.figures import timestep_curve_image, timestep_heatmap_image
 from lightning_gradhealth.health import TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.initialize import InitConfig, InitRecord, apply_init_, format_init_report
@@ -41,14 +51,11 @@ _HINTS = {
 }
 
 
-def _positive_int_or_none(name: str, value: Optional[int]) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+NONFINITE_POLICIES = ("warn", "skip", "raise")
 
 
-def _positive_finite(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``GradHealth(on_nonfinite="raise")`` before an optimizer step with NaN/Inf gradients."""
 
 
 def _optimizer_steps(trainer: Any) -> int:
@@ -76,11 +83,19 @@ class GradHealth(CallbackBase):
     Every ``log_every_n_steps`` optimizer steps it measures the exact norm of dL/dh_t at every
     timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
     direction, ``gradhealth/<layer>/transmission``, ``.../horizon``, ``.../rate_per_step``,
-    ``.../grad_norm_first`` and ``.../grad_norm_last`` (definitions in
+    ``.../dh_norm_first`` and ``.../dh_norm_last`` (definitions in
     :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps two pictures to
     TensorBoard: the latest curve over t and a heatmap over (training step, t). L is the loss
     Lightning backpropagates (divided by ``accumulate_grad_batches``; the first micro-batch of
     the window is measured), AMP-unscaled.
+
+    On every optimizer step it checks the gradients for NaN/Inf (one fused check) and, with
+    ``clip``, clips them; on logging steps it logs the true gradient norm
+    ``gradhealth/grad_norm/total`` (before clipping, unscaled), with ``clip`` also
+    ``gradhealth/grad_norm/total_clipped``, ``gradhealth/clip/coefficient`` and
+    ``gradhealth/clip/clipped_steps_fraction`` (over the steps since the previous log), the
+    gradient norm of each recurrent layer's weights ``gradhealth/<layer>/weight_grad_norm``, and
+    the counts ``gradhealth/nonfinite/steps`` and ``gradhealth/nonfinite/skipped_steps``.
 
     Args:
         init: scheme of the hidden-to-hidden matrices: ``"orthogonal"``, ``"glorot"``
@@ -111,6 +126,17 @@ class GradHealth(CallbackBase):
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
+        clip: ``None`` (default), ``"norm"`` (global norm, Pascanu et al. 2013), ``"value"``
+            (element-wise) or ``"agc"`` (adaptive, unit-wise, Brock et al. 2021). Applied in
+            ``on_before_optimizer_step``: after AMP unscaling and the whole accumulation
+            window, before ``optimizer.step()``. Cannot be combined with the Trainer's
+            ``gradient_clip_val`` (fit fails at its start, saying which one to remove).
+        clip_val: the threshold: max total norm, max absolute value, or AGC's lambda.
+        clip_norm_type: the p of the norms (``float("inf")`` for the max-norm).
+        on_nonfinite: what a step with a NaN/Inf gradient does: ``"warn"`` (once per parameter,
+            naming them), ``"skip"`` (the optimizer step is skipped: weights and optimizer state
+            stay as they were), ``"raise"`` (:class:`NonFiniteGradientError` before the step).
+            Under 16-mixed the GradScaler already skips such steps: they are only counted.
 
     Attributes:
         init_report: one :class:`~lightning_gradhealth.InitRecord` per parameter written.
@@ -122,6 +148,10 @@ class GradHealth(CallbackBase):
         timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
         timestep_history: ``{layer key: [(step, norms as a numpy array), ...]}``, the rows of
             the heatmap (thinned to every other row when it exceeds ``history_size``).
+        latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest
+            clipped step (0-d tensors: pre/post-clip norm, coefficient, clipped fraction).
+        suggested_clip_val: a ``clip_val`` for ``clip="norm"`` from the norms seen.
+        nonfinite_steps: optimizer steps whose gradients held NaN/Inf; ``skipped_steps``: those skipped.
 
     Raises:
         ValueError: at construction, for an unknown scheme name (the message lists the valid
@@ -163,6 +193,10 @@ class GradHealth(CallbackBase):
         vanish_below: float = 1e-3,
         explode_above: float = 1e3,
         horizon_factor: float = 1e3,
+        clip: Optional[Literal["norm", "value", "agc"]] = None,
+        clip_val: Optional[float] = None,
+        clip_norm_type: float = 2.0,
+        on_nonfinite: Literal["warn", "skip", "raise"] = "warn",
     ) -> None:
         self.init_config = InitConfig(
             init=init,
@@ -177,12 +211,15 @@ class GradHealth(CallbackBase):
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
-        _positive_int_or_none("log_every_n_steps", log_every_n_steps)
-        _positive_int_or_none("full_every_n_steps", full_every_n_steps)
+        check_positive_int_or_none("log_every_n_steps", log_every_n_steps)
+        check_positive_int_or_none("full_every_n_steps", full_every_n_steps)
         for name, value in (("vanish_below", vanish_below), ("explode_above", explode_above), ("horizon_factor", horizon_factor)):
-            _positive_finite(name, value)
-        if isinstance(custom_cells, str):
-            raise ValueError(f"custom_cells must be a list of patterns, got the string {custom_cells!r}")
+            check_positive_finite(name, value)
+        check_pattern_list("custom_cells", custom_cells)
+        self.clip, self.clip_val, self.clip_norm_type = validate_clip_args(clip, clip_val, clip_norm_type)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self.seed = seed
         self.timesteps = timesteps
         self.custom_cells = list(custom_cells or [])
@@ -204,6 +241,15 @@ class GradHealth(CallbackBase):
         self._warned: set[tuple[str, str]] = set()
         self._log_interval = 1
         self._full_interval = 10
+        self.clip_suggester = ClipThresholdSuggester()
+        self.nonfinite_steps = 0
+        self.skipped_steps = 0
+        self.latest_clip_stats: Optional[ClipStats] = None
+        self._param_names: dict[int, str] = {}
+        self._nonfinite_named: set[str] = set()
+        self._window_clipped: Any = 0.0
+        self._window_steps = 0
+        self._logged_step: Optional[int] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Find the recurrent layers (all exist now, ``configure_model`` included), initialize them, attach the probe."""
@@ -215,6 +261,14 @@ class GradHealth(CallbackBase):
                 f"GradHealth found no recurrent layer (nn.RNN/LSTM/GRU, nn.*Cell or a `custom` pattern) "
                 f"in {type(pl_module).__name__}; training proceeds untouched."
             )
+        if self.clip is not None and trainer.gradient_clip_val:
+            raise ValueError(
+                f"Both GradHealth(clip={self.clip!r}, clip_val={self.clip_val}) and "
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the gradients, one after "
+                "the other. Remove one: Trainer(gradient_clip_val=None), or GradHealth(clip=None) to keep "
+                "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
+            )
+        self._param_names = {id(param): name for name, param in pl_module.named_parameters()}
         self._log_interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
         self._full_interval = self.full_every_n_steps or 10 * self._log_interval
         self._initialize(trainer, pl_module)
@@ -259,10 +313,104 @@ class GradHealth(CallbackBase):
             self._probe.disarm()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        """Gradients are complete and unscaled here: measure, summarize, log, release."""
+        """Gradients are complete and unscaled here: check, measure, clip, log, release.
+
+        Runs before the Trainer's own clipping and ``optimizer.step()``, also inside a manual
+        ``optimizer.step()``; once per accumulation window.
+        """
+        step = _optimizer_steps(trainer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._probe is not None and self._probe.has_captures:
             norms = self._probe.compute(grad_scale=_loss_scale(trainer))
-            self._record_timesteps(trainer, norms, _optimizer_steps(trainer))
+            self._record_timesteps(trainer, norms, step)
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not parameters:
+            return
+        if self._handle_nonfinite(parameters, step, amp_scaler_active=scaler is not None and scaler.is_enabled()):
+            return
+        logging_step = step % self._log_interval == 0 and step != self._logged_step
+        metrics: dict[str, float] = {}
+        if logging_step:
+            self._logged_step = step
+            layer_params = defaultdict(list)
+            for record in self.recurrent_weights:
+                layer_params[record.layer_key].append(record.parameter)
+            if layer_params:
+                norms = group_grad_norms(layer_params, self.clip_norm_type).tolist()
+                metrics.update({f"gradhealth/{key}/weight_grad_norm": norm for key, norm in zip(layer_params, norms)})
+        if self.clip is not None:
+            stats = clip_grads_(parameters, self.clip, self.clip_val, self.clip_norm_type)
+            self.latest_clip_stats = stats
+            self.clip_suggester.update(stats.norm_before)
+            self._window_clipped = self._window_clipped + stats.clipped.float()
+            self._window_steps += 1
+            if logging_step:
+                values = stats.to_floats()
+                metrics.update(
+                    {
+                        "gradhealth/grad_norm/total": values["norm_before"],
+                        "gradhealth/grad_norm/total_clipped": values["norm_after"],
+                        "gradhealth/clip/coefficient": values["coefficient"],
+                        "gradhealth/clip/clipped_steps_fraction": float(self._window_clipped) / self._window_steps,
+                    }
+                )
+                self._window_clipped, self._window_steps = 0.0, 0
+        elif logging_step:
+            total = torch.linalg.vector_norm(grad_norms(parameters, self.clip_norm_type), self.clip_norm_type)
+            self.clip_suggester.update(total)
+            metrics["gradhealth/grad_norm/total"] = float(total)
+        if logging_step:
+            metrics["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
+            metrics["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
+            log_scalars(trainer, metrics, step)
+
+    def _handle_nonfinite(self, parameters: list[torch.Tensor], step: int, amp_scaler_active: bool) -> bool:
+        """Apply ``on_nonfinite`` if a gradient holds NaN/Inf; True when the step is to be skipped.
+
+        Under 16-mixed the GradScaler skips such steps itself and lowers its scale: that is
+        counted but not acted on, so the two never fight.
+        """
+        flagged = nonfinite_grads(parameters)
+        if not bool(flagged.any()):
+            return False
+        self.nonfinite_steps += 1
+        if amp_scaler_active:
+            return True
+        names = [
+            self._param_names.get(id(p), f"<parameter {index}>")
+            for index, (p, bad) in enumerate(zip(parameters, flagged.tolist()))
+            if bad
+        ]
+        described = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {len(names)} parameters: {described}. "
+                "Training stopped before the optimizer step, so the weights are still finite."
+            )
+        if self.on_nonfinite == "skip":
+            for param in parameters:
+                param.grad = None
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                rank_zero_warn(
+                    f"GradHealth: skipped the optimizer step at step {step}: non-finite gradients in {len(names)} "
+                    f"parameters ({described}). Later skips are counted in gradhealth/nonfinite/skipped_steps."
+                )
+            return True
+        new = [name for name in names if name not in self._nonfinite_named]
+        if new:
+            self._nonfinite_named.update(new)
+            rank_zero_warn(
+                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {len(names)} parameters: {described}. "
+                "The optimizer step goes ahead (on_nonfinite='warn'); use on_nonfinite='skip' to drop such steps."
+            )
+        return False
+
+    @property
+    def suggested_clip_val(self) -> Optional[float]:
+        """A ``clip_val`` for ``clip="norm"`` from the norms seen (Pascanu et al. 2013: about the
+        average norm over many updates); ``None`` before 100 norms were seen."""
+        return self.clip_suggester.suggest()
 
     def _record_timesteps(self, trainer: Any, norms: dict[str, torch.Tensor], step: int) -> None:
         self.timestep_grad_norms = norms
@@ -278,8 +426,8 @@ class GradHealth(CallbackBase):
                     f"{prefix}/transmission": summary.transmission,
                     f"{prefix}/horizon": float(summary.horizon),
                     f"{prefix}/rate_per_step": summary.rate_per_step,
-                    f"{prefix}/grad_norm_first": summary.first_norm,
-                    f"{prefix}/grad_norm_last": summary.last_norm,
+                    f"{prefix}/dh_norm_first": summary.first_norm,
+                    f"{prefix}/dh_norm_last": summary.last_norm,
                 }
             )
             condition = diagnose_timesteps(summary, self.vanish_below, self.explode_above)

@@ -21,13 +21,13 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, is_finite_number
 from lightning_gradhealth.inits import init_scheme_, resolve_scheme
 from lightning_gradhealth.layers import (
     Role,
@@ -38,15 +38,6 @@ from lightning_gradhealth.layers import (
 )
 
 __all__ = ["InitConfig", "InitRecord", "apply_init_", "format_init_report", "initialize_"]
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_positive_finite(name: str, value: float) -> None:
-    if not _is_finite_number(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -91,9 +82,9 @@ class InitConfig:
         object.__setattr__(self, "init", resolve_scheme(self.init, "init"))
         object.__setattr__(self, "input_init", resolve_scheme(self.input_init, "input_init"))
         object.__setattr__(self, "linear_init", resolve_scheme(self.linear_init, "linear_init"))
-        _check_positive_finite("gain", self.gain)
-        _check_positive_finite("uniform_scale", self.uniform_scale)
-        if not _is_finite_number(self.forget_bias):
+        check_positive_finite("gain", self.gain)
+        check_positive_finite("uniform_scale", self.uniform_scale)
+        if not is_finite_number(self.forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {self.forget_bias!r}")
         if self.chrono_t_max is not None and (
             isinstance(self.chrono_t_max, bool) or not isinstance(self.chrono_t_max, int) or self.chrono_t_max < 2
@@ -108,11 +99,7 @@ class InitConfig:
                 raise ValueError(f"custom patterns must be non-empty strings, got {pattern!r}")
             if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
                 raise ValueError(f"custom pattern {pattern!r}: the gate count must be an integer >= 1, got {gates!r}")
-        if isinstance(self.exclude, str):
-            raise ValueError(f"exclude must be a list of patterns, got the string {self.exclude!r}; write [{self.exclude!r}]")
-        for pattern in self.exclude or ():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"exclude patterns must be non-empty strings, got {pattern!r}")
+        check_pattern_list("exclude", self.exclude)
 
     @property
     def changes_weights(self) -> bool:

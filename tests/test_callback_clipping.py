@@ -1,0 +1,228 @@
+"""Clipping and non-finite gradient handling inside real Lightning fits."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import pytorch_lightning
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
+from torch import nn
+
+from conftest import PLSequenceModel, trainer_kwargs
+from lightning_gradhealth import GradHealth
+from lightning_gradhealth.callback import NonFiniteGradientError
+
+
+class GradsBeforeStep(pytorch_lightning.Callback):
+    """Copies every gradient in on_before_optimizer_step (placed before or after GradHealth)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("clip, clip_val", [("norm", 0.05), ("value", 0.01)])
+def test_clipping_with_accumulation_applies_once_per_window_as_torchs_reference(clip, clip_val):
+    torch.manual_seed(0)
+    before, after = GradsBeforeStep(), GradsBeforeStep()
+    health = GradHealth(clip=clip, clip_val=clip_val)
+    trainer = pytorch_lightning.Trainer(
+        callbacks=[before, health, after], **trainer_kwargs(max_steps=3, accumulate_grad_batches=4)
+    )
+    trainer.fit(PLSequenceModel())
+    assert len(before.grads) == len(after.grads) == 3  # once per window of 4 micro-batches
+    for unclipped, clipped in zip(before.grads, after.grads):
+        reference = {name: torch.nn.Parameter(torch.zeros_like(g)) for name, g in unclipped.items()}
+        for name, param in reference.items():
+            param.grad = unclipped[name].clone()
+        if clip == "norm":
+            torch.nn.utils.clip_grad_norm_(reference.values(), clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(reference.values(), clip_val)
+        for name, param in reference.items():
+            torch.testing.assert_close(clipped[name], param.grad, rtol=1e-6, atol=1e-9, msg=name)
+    assert any(not torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
+
+
+def test_logged_norms_tell_the_truth_before_and_after_clipping(tmp_path):
+    torch.manual_seed(0)
+    before = GradsBeforeStep()
+    health = GradHealth(clip="norm", clip_val=0.05, log_every_n_steps=1)
+    logger = CSVLogger(tmp_path, name="run")
+    pytorch_lightning.Trainer(callbacks=[before, health], **trainer_kwargs(max_steps=3, logger=logger)).fit(PLSequenceModel())
+    logger.save()
+    import csv
+
+    rows = [row for row in csv.DictReader(open(logger.experiment.metrics_file_path)) if row.get("gradhealth/grad_norm/total")]
+    assert [int(row["step"]) for row in rows] == [0, 1, 2]
+    for row, grads in zip(rows, before.grads):
+        true_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
+        assert float(row["gradhealth/grad_norm/total"]) == pytest.approx(true_norm, rel=1e-5)
+        assert float(row["gradhealth/grad_norm/total_clipped"]) == pytest.approx(min(true_norm, 0.05), rel=1e-4)
+        assert float(row["gradhealth/clip/clipped_steps_fraction"]) == (1.0 if true_norm > 0.05 else 0.0)
+        layer = torch.linalg.vector_norm(torch.stack([g.norm() for n, g in grads.items() if n.startswith("rnn.")]))
+        assert float(row["gradhealth/rnn.l0/weight_grad_norm"]) == pytest.approx(layer.item(), rel=1e-5)
+
+
+def test_logged_norm_under_16_mixed_is_the_unscaled_norm():
+    """A real GradScaler (init scale 2**12) on CPU: the logged norm is the true, unscaled one."""
+    norms = []
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=4096.0))]):
+        torch.manual_seed(0)
+        health = GradHealth(clip="norm", clip_val=100.0)
+        pytorch_lightning.Trainer(callbacks=[health], plugins=plugins, **trainer_kwargs(max_steps=1)).fit(
+            PLSequenceModel(build=lambda: nn.GRU(3, 8, batch_first=True))
+        )
+        norms.append(health.latest_clip_stats.norm_before.item())
+    assert norms[1] == pytest.approx(norms[0], rel=2e-2)  # fp16 forward vs fp32, same scale of magnitude
+    assert norms[1] < 100
+
+
+def test_trainer_clipping_and_gradhealth_clipping_together_fail_at_fit_start_and_name_the_fix():
+    model = PLSequenceModel()
+    before = copy.deepcopy(model.state_dict())
+    trainer = pytorch_lightning.Trainer(
+        callbacks=[GradHealth(clip="norm", clip_val=1.0)], **trainer_kwargs(gradient_clip_val=0.5)
+    )
+    with pytest.raises(ValueError, match=r"Remove one: Trainer\(gradient_clip_val=None\), or GradHealth\(clip=None\)"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_clipping_alone_is_left_to_the_trainer_and_logged_before_it_clips():
+    torch.manual_seed(0)
+    before, after = GradsBeforeStep(), GradsBeforeStep()
+    health = GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[before, health, after], **trainer_kwargs(max_steps=2, gradient_clip_val=1e-3)).fit(
+        PLSequenceModel()
+    )
+    # GradHealth does not clip: the gradients it hands on are the ones it received
+    assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
+
+
+class NaNAtStep(PLSequenceModel):
+    """Its loss becomes NaN at batch ``bad_batch``."""
+
+    bad_batch = 2
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == self.bad_batch else loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.1)
+
+
+class Snapshots(pytorch_lightning.Callback):
+    """Weights and optimizer state at the start of each batch."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[dict, dict]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        optimizer = trainer.optimizers[0]
+        self.states.append((copy.deepcopy(pl_module.state_dict()), copy.deepcopy(optimizer.state_dict())))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_skip_leaves_weights_and_optimizer_state_bit_for_bit_and_training_goes_on():
+    torch.manual_seed(0)
+    snapshots, health = Snapshots(), GradHealth(on_nonfinite="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = pytorch_lightning.Trainer(callbacks=[snapshots, health], **trainer_kwargs(max_steps=4))
+        trainer.fit(NaNAtStep())
+    (weights_before, optimizer_before), (weights_after, optimizer_after) = snapshots.states[2], snapshots.states[3]
+    assert _same(weights_before, weights_after) and _same(optimizer_before, optimizer_after)
+    assert not _same(snapshots.states[1][0], snapshots.states[2][0])  # normal steps do update
+    assert health.skipped_steps == health.nonfinite_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert sum("skipped the optimizer step at step 2" in str(w.message) for w in caught) == 1
+
+
+def test_raise_stops_before_the_step_and_names_parameters_and_step():
+    torch.manual_seed(0)
+    model = NaNAtStep()
+    trainer = pytorch_lightning.Trainer(callbacks=[GradHealth(on_nonfinite="raise")], **trainer_kwargs(max_steps=4))
+    with pytest.raises(NonFiniteGradientError, match=r"at step 2 in 6 parameters: rnn\.weight_ih_l0, rnn\.weight_hh_l0"):
+        trainer.fit(model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not model.rnn._forward_hooks  # hooks removed on the exception
+
+
+def test_warn_names_the_parameters_once_and_counts_every_step():
+    torch.manual_seed(0)
+
+    class NaNFromStep2(NaNAtStep):
+        def training_step(self, batch, batch_idx):
+            loss = PLSequenceModel.training_step(self, batch, batch_idx)
+            return loss * float("nan") if batch_idx >= 2 else loss
+
+    health = GradHealth(on_nonfinite="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=4)).fit(NaNFromStep2())
+    ours = [str(w.message) for w in caught if "non-finite gradients" in str(w.message)]
+    assert len(ours) == 1 and "at step 2 in 6 parameters: rnn.weight_ih_l0" in ours[0] and "head.weight and 1 more" in ours[0]
+    assert health.nonfinite_steps == 2
+
+
+def test_clipping_in_manual_optimization():
+    torch.manual_seed(0)
+
+    class Manual(PLSequenceModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx) * 100)
+            optimizer.step()
+
+    after, health = GradsBeforeStep(), GradHealth(clip="norm", clip_val=0.01)
+    pytorch_lightning.Trainer(callbacks=[health, after], **trainer_kwargs(max_steps=2)).fit(Manual())
+    for grads in after.grads:
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_threshold_suggestion_is_the_average_norm():
+    torch.manual_seed(0)
+    before, health = GradsBeforeStep(), GradHealth(clip="norm", clip_val=1e6)
+    health.clip_suggester.min_updates = 5
+    pytorch_lightning.Trainer(callbacks=[before, health], **trainer_kwargs(max_steps=8, max_epochs=-1)).fit(PLSequenceModel())
+    norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item() for grads in before.grads]
+    assert health.suggested_clip_val == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"clip": "nrom", "clip_val": 1.0}, "Did you mean 'norm'?"),
+        ({"clip": "norm"}, "needs clip_val"),
+        ({"clip": "agc", "clip_val": -1.0}, "needs clip_val"),
+        ({"clip_val": 1.0}, "has no effect without clip"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of 'warn', 'skip', 'raise'"),
+    ],
+)
+def test_bad_clipping_arguments_fail_at_construction(arguments, message):
+    with pytest.raises(ValueError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        GradHealth(**arguments)

@@ -1,0 +1,406 @@
+"""Clipping and non-finite detection against independent references: torch.nn.utils' clip
+functions, a per-row loop of the AGC paper's formula, and norms of concatenated gradients."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_gradhealth.clipping import (
+    CLIP_MODES,
+    ClipStats,
+    ClipThresholdSuggester,
+    clip_grads_,
+    clip_grads_adaptive_,
+    clip_grads_by_norm_,
+    clip_grads_by_value_,
+    grad_norms,
+    group_grad_norms,
+    nonfinite_grads,
+    validate_clip_args,
+)
+
+
+class Net(nn.Module):
+    """Parameters of every shape clipping meets: LSTM matrices and biases, a conv kernel (3-D),
+    a scalar, and an unused layer whose gradients stay ``None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True)
+        self.conv = nn.Conv1d(10, 4, kernel_size=2)
+        self.temperature = nn.Parameter(torch.tensor(0.7))
+        self.unused = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.lstm.bias_ih_l0.zero_()  # a zero unit: AGC's eps floor decides
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lstm(x)[0]  # (T, N, 10)
+        return self.conv(out.permute(1, 2, 0)).pow(2).sum() * self.temperature
+
+
+@functools.cache
+def _grads(scale: float) -> dict[str, torch.Tensor]:
+    """Gradients of one backward pass, computed once per scale (keeps the file fast)."""
+    net = _seeded_net()
+    (scale * net.loss(torch.randn(7, 2, 3, generator=torch.Generator().manual_seed(1)))).backward()
+    return {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+
+
+def _seeded_net() -> Net:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Net()
+
+
+def net_with_grads(scale: float = 1.0) -> Net:
+    """A fresh copy of the same net with the same gradients: identical inputs for ours and torch's."""
+    net = _seeded_net()
+    for name, grad in _grads(scale).items():
+        net.get_parameter(name).grad = grad.clone()
+    return net
+
+
+def grads_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+def total_norm_reference(module: nn.Module, norm_type: float) -> torch.Tensor:
+    flat = torch.cat([p.grad.double().flatten() for p in module.parameters() if p.grad is not None])
+    return torch.linalg.vector_norm(flat, norm_type)
+
+
+def assert_same_grads(ours: nn.Module, reference: nn.Module, **tolerance: Any) -> None:
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, msg=name, **tolerance)
+
+
+# ---------------------------------------------------------------------------------- by norm
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("threshold_over_norm", [0.1, 0.9, 10.0])
+def test_clip_by_norm_equals_torch_clip_grad_norm(norm_type, threshold_over_norm):
+    ours = net_with_grads()
+    reference = net_with_grads()
+    max_norm = threshold_over_norm * total_norm_reference(ours, norm_type).item()
+
+    stats = clip_grads_by_norm_(ours.parameters(), max_norm, norm_type)
+    torch_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
+
+    assert_same_grads(ours, reference, rtol=0, atol=0)
+    torch.testing.assert_close(stats.norm_before, torch_norm, rtol=0, atol=0)
+    expected_coefficient = min(1.0, max_norm / (torch_norm.item() + 1e-6))
+    assert stats.coefficient.item() == pytest.approx(expected_coefficient, rel=1e-6)
+    assert stats.norm_after.item() == pytest.approx(total_norm_reference(ours, norm_type).item(), rel=1e-5)
+    assert bool(stats.clipped) == (threshold_over_norm < 1)
+    assert stats.clipped_fraction.item() == float(threshold_over_norm < 1)
+
+
+def test_clip_by_norm_skips_missing_grads_and_handles_none_at_all():
+    net = net_with_grads()
+    assert net.unused.weight.grad is None
+    clip_grads_by_norm_(net.parameters(), 1e-3)
+    assert net.unused.weight.grad is None
+
+    stats = clip_grads_by_norm_(Net().parameters(), 1.0)
+    assert stats.to_floats() == {
+        "norm_before": 0.0, "norm_after": 0.0, "coefficient": 1.0, "clipped_fraction": 0.0, "clipped": 0.0
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_grads_have_float32_norms_that_do_not_overflow(dtype):
+    big = nn.Parameter(torch.zeros(4, dtype=dtype))
+    big.grad = torch.full((4,), 40960.0, dtype=dtype)  # norm 81920: above float16's maximum 65504
+    small = nn.Parameter(torch.zeros(3))
+    small.grad = torch.tensor([1.0, 2.0, 2.0])
+    reference_norm = math.hypot(81920.0, 3.0)
+    torch.testing.assert_close(grad_norms([big, small]), torch.tensor([81920.0, 3.0]), rtol=1e-3, atol=0)
+
+    stats = clip_grads_by_norm_([big, small], max_norm=1.0)
+
+    assert stats.norm_before.dtype == torch.float32
+    assert stats.norm_before.item() == pytest.approx(reference_norm, rel=1e-3)
+    assert big.grad.dtype == dtype
+    torch.testing.assert_close(big.grad.float(), torch.full((4,), 40960.0 / reference_norm), rtol=1e-2, atol=0)
+    torch.testing.assert_close(small.grad, torch.tensor([1.0, 2.0, 2.0]) / reference_norm, rtol=1e-3, atol=0)
+
+
+# --------------------------------------------------------------------------------- by value
+
+
+@pytest.mark.parametrize("clip_value", [1e-3, 0.05, 1e6])
+def test_clip_by_value_equals_torch_clip_grad_value(clip_value):
+    ours = net_with_grads()
+    reference = net_with_grads()
+    flat = torch.cat([g.flatten() for g in grads_of(ours)])
+
+    stats = clip_grads_by_value_(ours.parameters(), clip_value)
+    torch.nn.utils.clip_grad_value_(reference.parameters(), clip_value)
+
+    assert_same_grads(ours, reference, rtol=0, atol=0)
+    clipped_fraction = (flat.abs() > clip_value).double().mean().item()
+    assert stats.clipped_fraction.item() == pytest.approx(clipped_fraction, rel=1e-6)
+    assert bool(stats.clipped) == (clipped_fraction > 0)
+    norm_after = total_norm_reference(ours, 2.0).item()
+    assert stats.norm_before.item() == pytest.approx(flat.double().norm().item(), rel=1e-5)
+    assert stats.norm_after.item() == pytest.approx(norm_after, rel=1e-5)
+    assert stats.coefficient.item() == pytest.approx(norm_after / flat.double().norm().item(), rel=1e-5)
+
+
+# -------------------------------------------------------------------------------------- AGC
+
+
+def agc_reference_(parameters: list[nn.Parameter], clip_factor: float, eps: float, norm_type: float) -> float:
+    """Brock et al. (2021), eq. 3, one unit at a time: a row of a weight, a whole bias or scalar.
+    Returns the fraction of units clipped."""
+    clipped, units = 0, 0
+    for p in parameters:
+        if p.grad is None:
+            continue
+        rows = [(p.detach()[i], p.grad[i]) for i in range(p.shape[0])] if p.dim() >= 2 else [(p.detach(), p.grad)]
+        for weight, grad in rows:
+            weight_norm = max(torch.linalg.vector_norm(weight.double(), norm_type).item(), eps)
+            grad_norm = torch.linalg.vector_norm(grad.double(), norm_type).item()
+            units += 1
+            if grad_norm / weight_norm > clip_factor:
+                grad.mul_(clip_factor * weight_norm / grad_norm)
+                clipped += 1
+    return clipped / units
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("clip_factor", [1e-3, 0.05, 1e4])
+def test_agc_equals_a_per_row_reference_of_the_paper_formula(clip_factor, norm_type):
+    ours = net_with_grads(scale=0.2)
+    reference = net_with_grads(scale=0.2)
+
+    stats = clip_grads_adaptive_(ours.parameters(), clip_factor, eps=1e-3, norm_type=norm_type)
+    with torch.no_grad():
+        clipped_fraction = agc_reference_(list(reference.parameters()), clip_factor, 1e-3, norm_type)
+
+    assert_same_grads(ours, reference, rtol=1e-5, atol=1e-7)
+    assert stats.clipped_fraction.item() == pytest.approx(clipped_fraction)  # 0.72, 0.14 or 0
+    assert bool(stats.clipped) == (clipped_fraction > 0)
+    norm_before = total_norm_reference(net_with_grads(scale=0.2), norm_type).item()
+    norm_after = total_norm_reference(ours, norm_type).item()
+    assert stats.norm_before.item() == pytest.approx(norm_before, rel=1e-5)
+    assert stats.norm_after.item() == pytest.approx(norm_after, rel=1e-5)
+    assert stats.coefficient.item() == pytest.approx(norm_after / norm_before, rel=1e-5)
+
+
+def test_agc_treats_a_bias_as_one_unit_and_floors_zero_weights_at_eps():
+    bias = nn.Parameter(torch.zeros(3))
+    bias.grad = torch.tensor([1.0, 0.0, 0.0])
+    clip_grads_adaptive_([bias], clip_factor=0.5, eps=1e-3)  # max norm 0.5 * 1e-3, for the whole vector
+    torch.testing.assert_close(bias.grad, torch.tensor([5e-4, 0.0, 0.0]))
+
+
+# --------------------------------------------------------------------------- norms by group
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_group_grad_norms_equal_the_norm_of_each_group_concatenated(norm_type):
+    net = net_with_grads()
+    named = dict(net.named_parameters())
+    groups = {
+        f"l{layer}{suffix}": [p for name, p in named.items() if name.endswith(f"_l{layer}{suffix}")]
+        for layer in (0, 1) for suffix in ("", "_reverse")
+    }
+    groups["head"] = [net.conv.weight, net.conv.bias, net.temperature, net.unused.weight]
+    groups["no grads"] = [net.unused.weight, net.unused.bias]
+    groups["empty"] = []
+
+    norms = group_grad_norms(groups, norm_type)
+
+    assert norms.shape == (len(groups),)
+    for norm, (key, members) in zip(norms, groups.items()):
+        flat = [p.grad.flatten() for p in members if p.grad is not None]
+        expected = torch.linalg.vector_norm(torch.cat(flat), norm_type) if flat else torch.tensor(0.0)
+        torch.testing.assert_close(norm, expected, msg=key)
+
+
+def test_grad_norms_are_aligned_with_the_parameters():
+    net = net_with_grads()
+    parameters = list(net.parameters())
+    norms = grad_norms(parameters, 1.0)
+    expected = [p.grad.abs().sum() if p.grad is not None else torch.tensor(0.0) for p in parameters]
+    torch.testing.assert_close(norms, torch.stack(expected))
+
+
+# ------------------------------------------------------------------------ non-finite grads
+
+
+def test_nonfinite_grads_finds_exactly_the_nan_and_inf_parameters():
+    net = net_with_grads()
+    parameters = list(net.parameters())
+    poisoned = {1: float("nan"), 4: float("inf"), 6: -float("inf")}
+    for index, value in poisoned.items():
+        parameters[index].grad.view(-1)[-1] = value
+    parameters[2].grad.view(-1)[0] = 1e30  # finite, but its square overflows float32
+    half = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    half.grad = torch.tensor([1.0, float("inf")], dtype=torch.float16)
+
+    mask = nonfinite_grads(parameters + [half])
+
+    assert mask.dtype == torch.bool
+    assert mask.nonzero().flatten().tolist() == sorted(poisoned) + [len(parameters)]
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_clipping_nonfinite_grads_does_not_crash_and_spreads_nothing(bad_value):
+    net = net_with_grads()
+    net.lstm.weight_hh_l0.grad[0, 0] = bad_value
+    before = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+    stats = clip_grads_by_norm_(net.parameters(), 1e-3)  # total norm non-finite: nothing scaled
+    assert not math.isfinite(stats.norm_before.item())
+    assert stats.to_floats()["clipped"] == 0.0 and stats.coefficient.item() == 1.0
+    for name, p in net.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, before[name], equal_nan=True, msg=name)
+
+    stats = clip_grads_adaptive_(net.parameters(), 1e-3)  # only the bad unit is left unscaled
+    assert not math.isfinite(stats.norm_before.item()) and bool(stats.clipped)
+    grad = net.lstm.weight_hh_l0.grad
+    torch.testing.assert_close(grad[0], before["lstm.weight_hh_l0"][0], equal_nan=True)
+    finite_rows = nn.Parameter(net.lstm.weight_hh_l0.detach()[1:].clone())
+    finite_rows.grad = before["lstm.weight_hh_l0"][1:].clone()
+    with torch.no_grad():
+        agc_reference_([finite_rows], 1e-3, 1e-3, 2.0)
+    torch.testing.assert_close(grad[1:], finite_rows.grad)
+
+    clip_grads_by_value_(net.parameters(), 1e-4)  # as torch: NaN stays, inf becomes the bound
+    expected = bad_value if math.isnan(bad_value) else 1e-4
+    torch.testing.assert_close(grad[0, 0], torch.tensor(expected), equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- no host sync
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: clip_grads_by_norm_(ps, 0.1),
+        lambda ps: clip_grads_by_value_(ps, 0.01),
+        lambda ps: clip_grads_adaptive_(ps, 0.01),
+        lambda ps: nonfinite_grads(ps),
+        lambda ps: group_grad_norms({"a": ps[:2], "b": ps[2:]}),
+        lambda ps: ClipThresholdSuggester().update(grad_norms(ps).sum()),
+    ],
+    ids=["norm", "value", "agc", "nonfinite", "groups", "suggester"],
+)
+def test_no_host_sync_and_one_fused_norm_for_all_parameters(call: Callable[[list], Any]):
+    parameters = list(net_with_grads().parameters())
+    with _CountOps() as ops:
+        call(parameters)
+    assert ops.calls["aten._local_scalar_dense"] == 0  # what .item(), bool() and .tolist() call
+    assert ops.calls["aten._foreach_norm"] <= 3  # value: norm before, clamped count, norm after
+
+
+# --------------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize(
+    "clip, function", [("norm", clip_grads_by_norm_), ("value", clip_grads_by_value_), ("agc", clip_grads_adaptive_)]
+)
+def test_clip_grads_dispatches_to_the_mode(clip, function):
+    ours, reference = net_with_grads(), net_with_grads()
+    stats = clip_grads_(ours.parameters(), clip, 0.01)
+    expected = function(reference.parameters(), 0.01)
+    assert isinstance(stats, ClipStats)
+    assert stats.to_floats() == expected.to_floats()
+    assert_same_grads(ours, reference, rtol=0, atol=0)
+    assert set(CLIP_MODES) == {"norm", "value", "agc"}
+
+
+# ---------------------------------------------------------------------- threshold suggestion
+
+
+def test_threshold_suggester_averages_finite_norms_over_enough_updates():
+    suggester = ClipThresholdSuggester(multiple=1.5, min_updates=100)
+    for step in range(1, 100):
+        suggester.update(torch.tensor(float(step)))
+    suggester.update(torch.tensor(float("nan")))
+    assert suggester.suggest() is None  # 99 finite norms: not enough yet
+    suggester.update(torch.tensor(100.0, dtype=torch.float64))
+    assert suggester.suggest() == pytest.approx(1.5 * 50.5)  # mean of 1..100
+
+    restored = ClipThresholdSuggester(multiple=1.5, min_updates=100)
+    restored.load_state_dict(suggester.state_dict())
+    assert restored.state_dict() == {"count": 100, "mean": pytest.approx(50.5)}
+    for copy_ in (suggester, restored):
+        copy_.update(torch.tensor(202.0))
+    assert restored.suggest() == pytest.approx(suggester.suggest()) == pytest.approx(1.5 * 52.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"multiple": 0.0}, {"multiple": math.inf}, {"min_updates": 0}])
+def test_threshold_suggester_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="multiple|min_updates"):
+        ClipThresholdSuggester(**kwargs)
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "clip, clip_val, norm_type, expected",
+    [
+        (None, None, 2, (None, None, 2.0)),
+        ("norm", 1, 2.0, ("norm", 1.0, 2.0)),
+        ("VALUE", 0.5, 1, ("value", 0.5, 1.0)),
+        ("agc", 0.01, math.inf, ("agc", 0.01, math.inf)),
+        ("norm", 1.0, "inf", ("norm", 1.0, math.inf)),
+    ],
+)
+def test_validate_clip_args_accepts_and_normalizes(clip, clip_val, norm_type, expected):
+    assert validate_clip_args(clip, clip_val, norm_type) == expected
+
+
+@pytest.mark.parametrize(
+    "clip, clip_val, norm_type, message",
+    [
+        (
+            "nrom", 1.0, 2.0,
+            r"Unknown clip mode 'nrom'\. Did you mean 'norm'\? Valid values: None, 'norm', 'value', 'agc'\.",
+        ),
+        ("adaptive", 1.0, 2.0, r"Unknown clip mode 'adaptive'\..*Valid values: None, 'norm', 'value', 'agc'"),
+        (True, 1.0, 2.0, r"Unknown clip mode True"),
+        ("norm", None, 2.0, r"clip='norm' needs clip_val, the maximum total gradient norm, as a finite number > 0"),
+        ("value", 0.0, 2.0, r"clip='value' needs clip_val.*finite number > 0; got 0\.0"),
+        ("agc", -0.01, 2.0, r"clip='agc' needs clip_val, AGC's lambda"),
+        ("norm", math.inf, 2.0, r"finite number > 0; got inf"),
+        ("norm", float("nan"), 2.0, r"finite number > 0; got nan"),
+        ("norm", True, 2.0, r"got True"),
+        ("norm", "1.0", 2.0, r"got '1\.0'"),
+        (None, 1.0, 2.0, r"clip_val=1\.0 has no effect without clip; pass clip='norm', 'value' or 'agc'"),
+        ("norm", 1.0, 0, r"norm_type must be a number > 0 or math\.inf \(or 'inf'\), got 0"),
+        ("norm", 1.0, -2.0, r"norm_type must be .* got -2\.0"),
+        ("norm", 1.0, "two", r"norm_type must be .* got 'two'"),
+        ("norm", 1.0, float("nan"), r"norm_type must be .* got nan"),
+    ],
+)
+def test_validate_clip_args_says_what_is_allowed(clip, clip_val, norm_type, message):
+    with pytest.raises(ValueError, match=message):
+        validate_clip_args(clip, clip_val, norm_type)
