@@ -272,6 +272,7 @@ class FusedCapture:
     the three gradients are filled by tensor hooks during the backward pass (``None`` where
     the loss does not depend on that output). ``to_time_major`` turns the raw gradient of the
     output (packed, batch-first or unbatched, like the output itself) into ``(T, B, F)``.
+    ``dropout_active``: the call ran inter-layer dropout, whose masks the kernel keeps to itself.
     """
 
     inputs: Tensor
@@ -281,6 +282,7 @@ class FusedCapture:
     lengths: Optional[Tensor]
     to_time_major: Callable[[Tensor], Tensor]
     batched: bool
+    dropout_active: bool
     output_grad: Optional[Tensor] = None
     final_state_grad: Optional[Tensor] = None
     final_cell_grad: Optional[Tensor] = None
@@ -335,8 +337,16 @@ def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[s
     initial_cells = None
     if isinstance(module, nn.LSTM):
         initial_cells = padded_outputs.new_zeros(cell_shape) if initial[1] is None else as_batched(initial[1]).detach()
+    dropout_active = module.training and module.dropout > 0 and module.num_layers > 1
     capture = FusedCapture(
-        padded_inputs.detach(), padded_outputs.detach(), initial_states, initial_cells, lengths, to_time_major, batched
+        padded_inputs.detach(),
+        padded_outputs.detach(),
+        initial_states,
+        initial_cells,
+        lengths,
+        to_time_major,
+        batched,
+        dropout_active,
     )
     for tensor, name in ((grad_target, "output_grad"), (final_state, "final_state_grad"), (final_cell, "final_cell_grad")):
         if tensor is not None and tensor.requires_grad:
@@ -380,7 +390,9 @@ def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: 
 
     Lower layers' states are recomputed with the layer's own kernel; layers are processed top
     down, each layer's input gradient being the direct gradient of the layer below. Gradients
-    are divided by ``grad_scale`` (the AMP loss scale the hooks saw).
+    are divided by ``grad_scale`` (the AMP loss scale the hooks saw). When the call ran
+    inter-layer dropout, every layer is recomputed without it: the measurement is then that of
+    the dropout-free network under the real upstream gradients, not of the masked one.
 
     Returns:
         ``{"l0": ..., "l0_reverse": ..., "l1": ...}``: one :class:`TimestepGrads` per layer and
@@ -398,12 +410,17 @@ def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: 
     layer_inputs = [capture.inputs.to(device=weight.device, dtype=dtype)]
     states = capture.initial_states.to(weight.device, dtype)
     cells = None if capture.initial_cells is None else capture.initial_cells.to(weight.device, dtype)
-    for layer in range(module.num_layers - 1):
+    # With inter-layer dropout the kernel's masks are unknown: the whole stack is then
+    # recomputed without dropout, so that every layer's gates match the states they are paired with.
+    recomputed_layers = module.num_layers if capture.dropout_active else module.num_layers - 1
+    for layer in range(recomputed_layers):
         rows = slice(layer * directions, (layer + 1) * directions)
         layer_inputs.append(
             _layer_forward(module, layer, layer_inputs[-1], states[rows], None if cells is None else cells[rows], lengths)
         )
-    layer_outputs = layer_inputs[1:] + [capture.outputs.to(weight.device, dtype)]
+    layer_outputs = layer_inputs[1:]
+    if not capture.dropout_active:
+        layer_outputs.append(capture.outputs.to(weight.device, dtype))
 
     raw_output_grad = prepared(capture.output_grad)
     direct = torch.zeros_like(layer_outputs[-1]) if raw_output_grad is None else capture.to_time_major(raw_output_grad)
@@ -490,6 +507,7 @@ class TimestepProbe:
                 self.cells[name] = module
         self.armed = False
         self.repeated_calls: set[str] = set()
+        self.dropout_calls: set[str] = set()
         self._fused_captures: dict[str, FusedCapture] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
         self._handles: list[RemovableHandle] = []
@@ -542,6 +560,8 @@ class TimestepProbe:
             capture = capture_fused_call(module, args, kwargs, output)
             if capture is not None:
                 self._fused_captures[name] = capture
+                if capture.dropout_active:
+                    self.dropout_calls.add(name)
 
         return hook
 

@@ -239,6 +239,7 @@ class GradHealth(CallbackBase):
         self._probe: Optional[TimestepProbe] = None
         self._armed_step: Optional[int] = None
         self._warned: set[tuple[str, str]] = set()
+        self._noticed: set[str] = set()
         self._log_interval = 1
         self._full_interval = 10
         self.clip_suggester = ClipThresholdSuggester()
@@ -323,6 +324,7 @@ class GradHealth(CallbackBase):
         if self._probe is not None and self._probe.has_captures:
             norms = self._probe.compute(grad_scale=_loss_scale(trainer))
             self._record_timesteps(trainer, norms, step)
+            self._probe_notices()
         parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not parameters:
             return
@@ -363,6 +365,18 @@ class GradHealth(CallbackBase):
             metrics["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
             metrics["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
             log_scalars(trainer, metrics, step)
+
+    def _probe_notices(self) -> None:
+        """Say once per module what the probe could not measure exactly."""
+        assert self._probe is not None
+        for name in sorted(self._probe.repeated_calls - self._noticed):
+            rank_zero_warn(f"GradHealth: {name!r} runs several times per training step; its first call is measured.")
+        for name in sorted(self._probe.dropout_calls - self._noticed):
+            rank_zero_warn(
+                f"GradHealth: {name!r} applies inter-layer dropout, whose masks the fused kernel keeps to itself; "
+                "its dL/dh_t is measured on the same layers without dropout, under the real upstream gradients."
+            )
+        self._noticed |= self._probe.repeated_calls | self._probe.dropout_calls
 
     def _handle_nonfinite(self, parameters: list[torch.Tensor], step: int, amp_scaler_active: bool) -> bool:
         """Apply ``on_nonfinite`` if a gradient holds NaN/Inf; True when the step is to be skipped.

@@ -178,3 +178,22 @@ def test_timesteps_false_attaches_nothing():
 
     pytorch_lightning.Trainer(callbacks=[health, CheckHooks()], **trainer_kwargs()).fit(model)
     assert health.timestep_grad_norms == {}
+
+
+def test_inter_layer_dropout_and_repeated_calls_are_reported_once():
+    torch.manual_seed(0)
+
+    class TwiceWithDropout(PLSequenceModel):
+        def forward(self, x):
+            self.rnn(x)  # an extra call: the first call is the one measured
+            return super().forward(x)
+
+    health = GradHealth(log_every_n_steps=1)
+    model = TwiceWithDropout(build=lambda: nn.GRU(3, 8, num_layers=2, dropout=0.5, batch_first=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3)).fit(model)
+    messages = [str(w.message) for w in caught]
+    assert sum("'rnn' runs several times per training step" in m for m in messages) == 1
+    assert sum("'rnn' applies inter-layer dropout" in m for m in messages) == 1
+    assert all(bool(torch.isfinite(v).all()) for v in health.timestep_grad_norms.values())
