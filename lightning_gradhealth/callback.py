@@ -35,7 +35,8 @@ from lightning_gradhealth.figures import timestep_curve_image, timestep_heatmap_
 from lightning_gradhealth.health import TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.initialize import InitConfig, InitRecord, apply_init_, format_init_report
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights
-from lightning_gradhealth.tensorboard import add_images, log_scalars, tensorboard_writers
+from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, eigenvalue_image, full_spectrum
+from lightning_gradhealth.tensorboard import add_histograms, add_images, log_scalars, tensorboard_writers
 
 __all__ = ["GradHealth"]
 
@@ -240,6 +241,8 @@ class GradHealth(CallbackBase):
         self._armed_step: Optional[int] = None
         self._warned: set[tuple[str, str]] = set()
         self._noticed: set[str] = set()
+        self.spectra: dict[str, MatrixSpectrum] = {}
+        self._sigma_trackers: dict[str, SigmaMaxTracker] = {}
         self._log_interval = 1
         self._full_interval = 10
         self.clip_suggester = ClipThresholdSuggester()
@@ -251,6 +254,7 @@ class GradHealth(CallbackBase):
         self._window_clipped: Any = 0.0
         self._window_steps = 0
         self._logged_step: Optional[int] = None
+        self._spectra_step: Optional[int] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Find the recurrent layers (all exist now, ``configure_model`` included), initialize them, attach the probe."""
@@ -325,6 +329,9 @@ class GradHealth(CallbackBase):
             norms = self._probe.compute(grad_scale=_loss_scale(trainer))
             self._record_timesteps(trainer, norms, step)
             self._probe_notices()
+        if step % self._log_interval == 0 and step != self._spectra_step:
+            self._spectra_step = step
+            self._record_spectra(trainer, step, full=step % self._full_interval == 0)
         parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not parameters:
             return
@@ -365,6 +372,57 @@ class GradHealth(CallbackBase):
             metrics["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
             metrics["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
             log_scalars(trainer, metrics, step)
+
+    def _record_spectra(self, trainer: Any, step: int, full: bool) -> None:
+        """Spectra of every hidden-to-hidden matrix: sigma_max by warm-started iteration on every
+        logging step; every singular value and eigenvalue, histograms and pictures on ``full`` steps.
+
+        The weights are those the step's gradients were computed with (before the update), so
+        step 0 shows the matrices right after init.
+        """
+        metrics: dict[str, float] = {}
+        histograms: dict[str, torch.Tensor] = {}
+        images = {}
+        writers = tensorboard_writers(trainer) if full and trainer.is_global_zero else []
+        for record in self.recurrent_weights:
+            if record.role != "recurrent":
+                continue
+            gates = len(record.gates)
+            prefix = f"gradhealth/{record.layer_key}"
+            if full:
+                spectrum = full_spectrum(record.parameter, gates)
+                self.spectra[record.full_name] = spectrum
+                values = {
+                    name: getattr(spectrum, name).tolist()
+                    for name in ("sigma_max", "sigma_min", "condition", "spectral_radius", "orth_error", "outside_unit_circle")
+                }
+                finite = spectrum.finite.tolist()
+                if writers:
+                    for index, gate in enumerate(record.gates):
+                        histograms[f"{prefix}/{gate}/singular_values"] = spectrum.singular_values[index]
+                        if spectrum.eigenvalues is not None:
+                            histograms[f"{prefix}/{gate}/eigenvalue_moduli"] = spectrum.eigenvalues[index].abs()
+                    if spectrum.eigenvalues is not None:
+                        images[f"{prefix}/eigenvalues"] = eigenvalue_image(spectrum.eigenvalues, record.gates, record.layer_key)
+            else:
+                tracker = self._sigma_trackers.setdefault(record.full_name, SigmaMaxTracker())
+                sigma_max = tracker(record.parameter, gates)
+                values = {"sigma_max": sigma_max.tolist()}
+                finite = torch.isfinite(sigma_max).tolist()
+            for name, per_gate in values.items():
+                metrics.update({f"{prefix}/{gate}/{name}": value for gate, value in zip(record.gates, per_gate)})
+            if not all(finite):
+                bad = [gate for gate, ok in zip(record.gates, finite) if not ok]
+                metrics[f"{prefix}/nonfinite_weight_blocks"] = float(len(bad))
+                if (record.full_name, "weights") not in self._warned:
+                    self._warned.add((record.full_name, "weights"))
+                    rank_zero_warn(
+                        f"GradHealth: {record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; "
+                        "their spectra are logged as NaN."
+                    )
+        log_scalars(trainer, metrics, step)
+        add_histograms(writers, histograms, step)
+        add_images(writers, images, step)
 
     def _probe_notices(self) -> None:
         """Say once per module what the probe could not measure exactly."""

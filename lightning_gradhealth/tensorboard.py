@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import pytorch_lightning.loggers
+from torch import Tensor
 
-__all__ = ["log_scalars", "tensorboard_writers"]
+__all__ = ["add_histograms", "add_images", "log_scalars", "tensorboard_writers"]
 
 _TENSORBOARD_LOGGERS: tuple[type, ...] = (pytorch_lightning.loggers.TensorBoardLogger,)
 try:
@@ -43,3 +44,13 @@ def add_images(writers: list[Any], images: Mapping[str, np.ndarray], step: int) 
     for writer in writers:
         for tag, image in images.items():
             writer.add_image(tag, image, step, dataformats="HWC")
+
+
+def add_histograms(writers: list[Any], histograms: Mapping[str, Tensor], step: int) -> None:
+    """Write the distribution of each 1-D tensor's finite values to every writer."""
+    for tag, values in histograms.items():
+        finite = values.detach().double().cpu()
+        finite = finite[finite.isfinite()]
+        if finite.numel():
+            for writer in writers:
+                writer.add_histogram(tag, finite.numpy(), step)
