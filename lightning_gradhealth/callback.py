@@ -6,7 +6,9 @@
 - ``on_train_batch_start`` of a sampled step: arm the probe, so the step's forward pass is
   captured. On every other step the callback does a counter check and nothing else.
 - ``on_before_optimizer_step`` (gradients are AMP-unscaled and accumulation is complete): compute
-  the per-timestep norms, summarize (:mod:`~lightning_gradhealth.health`), log, release.
+  the per-timestep norms, summarize (:mod:`~lightning_gradhealth.health`), log, release;
+  spectra of the recurrent matrices (:mod:`~lightning_gradhealth.spectra`) on logging steps;
+  the NaN/Inf check and clipping (:mod:`~lightning_gradhealth.clipping`) on every step.
 - end of fit (or an exception): remove every hook.
 """
 
@@ -90,6 +92,12 @@ class GradHealth(CallbackBase):
     Lightning backpropagates (divided by ``accumulate_grad_batches``; the first micro-batch of
     the window is measured), AMP-unscaled.
 
+    On logging steps it also logs ``gradhealth/<layer>/<gate>/sigma_max`` of every
+    hidden-to-hidden matrix (warm-started iteration), and on every ``full_every_n_steps`` the
+    full spectra (``sigma_min``, ``condition``, ``spectral_radius``, ``orth_error``,
+    ``outside_unit_circle``), their histograms and an eigenvalue picture
+    (:mod:`lightning_gradhealth.spectra`); step 0 shows the weights right after init.
+
     On every optimizer step it checks the gradients for NaN/Inf (one fused check) and, with
     ``clip``, clips them; on logging steps it logs the true gradient norm
     ``gradhealth/grad_norm/total`` (before clipping, unscaled), with ``clip`` also
@@ -123,7 +131,8 @@ class GradHealth(CallbackBase):
             calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
         log_every_n_steps: measuring interval in optimizer steps; default the Trainer's
             ``log_every_n_steps``.
-        full_every_n_steps: interval of the pictures; default 10 x ``log_every_n_steps``.
+        full_every_n_steps: interval of the full spectra, histograms and pictures; default
+            10 x ``log_every_n_steps``.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
@@ -149,6 +158,7 @@ class GradHealth(CallbackBase):
         timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
         timestep_history: ``{layer key: [(step, norms as a numpy array), ...]}``, the rows of
             the heatmap (thinned to every other row when it exceeds ``history_size``).
+        spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
         latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest
             clipped step (0-d tensors: pre/post-clip norm, coefficient, clipped fraction).
         suggested_clip_val: a ``clip_val`` for ``clip="norm"`` from the norms seen.
