@@ -34,7 +34,7 @@ Examples:
 from __future__ import annotations
 
 import fnmatch
-import warnings
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -288,6 +288,11 @@ class FusedCapture:
     final_cell_grad: Optional[Tensor] = None
     handles: list[RemovableHandle] = field(default_factory=list)
 
+    @property
+    def received_gradient(self) -> bool:
+        """Whether the backward pass reached any of this call's outputs."""
+        return any(g is not None for g in (self.output_grad, self.final_state_grad, self.final_cell_grad))
+
 
 def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
     """A tensor hook that adds the incoming gradient into ``capture.<name>`` (it may fire again with retain_graph)."""
@@ -302,9 +307,14 @@ def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
 def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Optional[FusedCapture]:
     """Record one forward call of ``module`` and hook the gradients of its outputs.
 
-    Returns ``None`` when no output requires grad (nothing will flow back through this call).
+    Returns ``None`` when no output requires grad (nothing will flow back through this call),
+    or when the call does not look like the built-in layer's (a subclass with another
+    signature or output): such a call is not measured.
     """
-    inputs, hx = args[0], args[1] if len(args) > 1 else kwargs.get("hx")
+    inputs = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if not isinstance(output, tuple) or len(output) != 2 or not isinstance(inputs, (Tensor, PackedSequence)):
+        return None
     sequence, finals = output
     final_state, final_cell = finals if isinstance(finals, tuple) else (finals, None)
     if isinstance(inputs, PackedSequence):
@@ -355,21 +365,28 @@ def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[s
 
 
 def _layer_parameters(module: nn.RNNBase, layer: int) -> dict[str, Tensor]:
-    """One layer's parameters of a fused module, renamed as layer 0 of a one-layer module."""
+    """One layer's weights of a fused module, renamed as layer 0 of a one-layer module.
+
+    Read by attribute from ``module._flat_weights_names``, the weights the kernel uses.
+    """
     renamed = {}
-    for name, param in module.named_parameters(recurse=False):
-        base, _, rest = name.rpartition("_l")
-        number, _, direction = rest.partition("_")
-        if int(number) == layer:
-            renamed[f"{base}_l0" + (f"_{direction}" if direction else "")] = param
+    for name in module._flat_weights_names:
+        match = _WEIGHT_NAME.fullmatch(name)
+        if match and int(match["layer"]) == layer:
+            renamed[f"{match['kind']}_l0{match['direction'] or ''}"] = getattr(module, name)
     return renamed
+
+
+_WEIGHT_NAME = re.compile(r"(?P<kind>(?:weight|bias)_(?:ih|hh|hr))_l(?P<layer>\d+)(?P<direction>_reverse)?")
+_BUILT_IN_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
 
 
 def _layer_forward(
     module: nn.RNNBase, layer: int, inputs: Tensor, states: Tensor, cells: Optional[Tensor], lengths: Optional[Tensor]
 ) -> Tensor:
     """The output sequence of one layer (both directions) of ``module``, time-major and padded."""
-    one_layer = type(module)(
+    built_in = next(layer_class for layer_class in _BUILT_IN_LAYERS if isinstance(module, layer_class))
+    one_layer = built_in(
         inputs.shape[-1],
         module.hidden_size,
         num_layers=1,
@@ -480,9 +497,12 @@ class TimestepProbe:
 
     ``attach`` registers one forward hook per recurrent module; while the probe is not armed
     the hooks return at once, and they hold no tensor. ``arm()`` before a forward pass makes
-    them capture that pass (the first call of each fused layer; every call of a cell, one call
-    per timestep); after the backward pass, ``compute()`` returns the norms and releases
-    everything captured.
+    them capture that pass (every call of a cell, one call per timestep; every call of a fused
+    layer, of which the first that the loss reaches is measured); ``disarm()`` before the
+    backward pass (activation checkpointing replays forwards there); after the backward pass,
+    ``compute()`` returns the norms and releases everything captured. A module the probe
+    cannot measure (a subclass whose calls differ from the built-in layer's, say) is left out
+    and named in :attr:`failures`: a measurement never stops training.
 
     Args:
         model: the module tree to watch.
@@ -508,7 +528,8 @@ class TimestepProbe:
         self.armed = False
         self.repeated_calls: set[str] = set()
         self.dropout_calls: set[str] = set()
-        self._fused_captures: dict[str, FusedCapture] = {}
+        self.failures: dict[str, str] = {}
+        self._fused_captures: dict[str, list[FusedCapture]] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -541,10 +562,16 @@ class TimestepProbe:
         """Whether a forward pass was captured since the last release."""
         return bool(self._fused_captures or self._cell_calls)
 
+    @property
+    def has_gradients(self) -> bool:
+        """Whether a backward pass has reached any captured output since the last release."""
+        fused = any(capture.received_gradient for captures in self._fused_captures.values() for capture in captures)
+        return fused or any(g is not None for calls in self._cell_calls.values() for g in calls.state_grads)
+
     def release(self) -> None:
         """Drop every captured tensor and gradient hook, and disarm."""
         self.armed = False
-        for capture in [*self._fused_captures.values(), *self._cell_calls.values()]:
+        for capture in [*(c for captures in self._fused_captures.values() for c in captures), *self._cell_calls.values()]:
             for handle in capture.handles:
                 handle.remove()
         self._fused_captures.clear()
@@ -552,16 +579,21 @@ class TimestepProbe:
 
     def _fused_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self.armed:
+            if not self.armed or name in self.failures:
                 return
-            if name in self._fused_captures:
+            try:
+                capture = capture_fused_call(module, args, kwargs, output)
+            except Exception as error:  # a measurement must never stop the user's training
+                self.failures[name] = f"{type(error).__name__}: {error}"
+                return
+            if capture is None:
+                return
+            captures = self._fused_captures.setdefault(name, [])
+            if captures:
                 self.repeated_calls.add(name)
-                return
-            capture = capture_fused_call(module, args, kwargs, output)
-            if capture is not None:
-                self._fused_captures[name] = capture
-                if capture.dropout_active:
-                    self.dropout_calls.add(name)
+            captures.append(capture)
+            if capture.dropout_active:
+                self.dropout_calls.add(name)
 
         return hook
 
@@ -594,9 +626,14 @@ class TimestepProbe:
         norms: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
-                for name, capture in self._fused_captures.items():
-                    module = self.fused[name]
-                    for layer_key, grads in fused_timestep_grads(module, capture, grad_scale).items():
+                for name, captures in self._fused_captures.items():
+                    capture = next((c for c in captures if c.received_gradient), captures[0])
+                    try:
+                        layer_grads = fused_timestep_grads(self.fused[name], capture, grad_scale)
+                    except Exception as error:  # a measurement must never stop the user's training
+                        self.failures[name] = f"{type(error).__name__}: {error}"
+                        continue
+                    for layer_key, grads in layer_grads.items():
                         key = f"{name}.{layer_key}" if name else layer_key
                         norms[key] = timestep_norms(grads.state)
                         if grads.cell is not None:

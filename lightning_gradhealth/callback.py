@@ -132,7 +132,8 @@ class GradHealth(CallbackBase):
         log_every_n_steps: measuring interval in optimizer steps; default the Trainer's
             ``log_every_n_steps``.
         full_every_n_steps: interval of the full spectra, histograms and pictures; default
-            10 x ``log_every_n_steps``.
+            20 x ``log_every_n_steps`` (at H = 1024 that keeps the full spectra under 0.5% of
+            training time on CPU); rounded up to a multiple of the logging interval.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
@@ -224,6 +225,11 @@ class GradHealth(CallbackBase):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
         check_positive_int_or_none("log_every_n_steps", log_every_n_steps)
         check_positive_int_or_none("full_every_n_steps", full_every_n_steps)
+        if log_every_n_steps and full_every_n_steps and full_every_n_steps % log_every_n_steps:
+            raise ValueError(
+                f"full_every_n_steps={full_every_n_steps} must be a multiple of log_every_n_steps={log_every_n_steps}: "
+                "full passes happen on logging steps"
+            )
         for name, value in (("vanish_below", vanish_below), ("explode_above", explode_above), ("horizon_factor", horizon_factor)):
             check_positive_finite(name, value)
         check_pattern_list("custom_cells", custom_cells)
@@ -254,20 +260,27 @@ class GradHealth(CallbackBase):
         self.spectra: dict[str, MatrixSpectrum] = {}
         self._sigma_trackers: dict[str, SigmaMaxTracker] = {}
         self._log_interval = 1
-        self._full_interval = 10
+        self._full_interval = 20
         self.clip_suggester = ClipThresholdSuggester()
         self.nonfinite_steps = 0
         self.skipped_steps = 0
         self.latest_clip_stats: Optional[ClipStats] = None
         self._param_names: dict[int, str] = {}
         self._nonfinite_named: set[str] = set()
+        self._pending_nonfinite: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
         self._window_clipped: Any = 0.0
         self._window_steps = 0
         self._logged_step: Optional[int] = None
-        self._spectra_step: Optional[int] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Find the recurrent layers (all exist now, ``configure_model`` included), initialize them, attach the probe."""
+        if self.clip is not None and trainer.gradient_clip_val:
+            raise ValueError(
+                f"Both GradHealth(clip={self.clip!r}, clip_val={self.clip_val}) and "
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the gradients, one after "
+                "the other. Remove one: Trainer(gradient_clip_val=None), or GradHealth(clip=None) to keep "
+                "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
+            )
         self.recurrent_weights = find_recurrent_weights(pl_module, self.init_config.custom)
         if self.timesteps:
             self._probe = TimestepProbe(pl_module, self.custom_cells)
@@ -276,16 +289,10 @@ class GradHealth(CallbackBase):
                 f"GradHealth found no recurrent layer (nn.RNN/LSTM/GRU, nn.*Cell or a `custom` pattern) "
                 f"in {type(pl_module).__name__}; training proceeds untouched."
             )
-        if self.clip is not None and trainer.gradient_clip_val:
-            raise ValueError(
-                f"Both GradHealth(clip={self.clip!r}, clip_val={self.clip_val}) and "
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the gradients, one after "
-                "the other. Remove one: Trainer(gradient_clip_val=None), or GradHealth(clip=None) to keep "
-                "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
-            )
         self._param_names = {id(param): name for name, param in pl_module.named_parameters()}
         self._log_interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
-        self._full_interval = self.full_every_n_steps or 10 * self._log_interval
+        full = self.full_every_n_steps or 20 * self._log_interval
+        self._full_interval = -(-full // self._log_interval) * self._log_interval  # a multiple of the logging interval
         self._initialize(trainer, pl_module)
         if self._probe is not None:
             self._probe.attach()
@@ -314,16 +321,20 @@ class GradHealth(CallbackBase):
         if self._probe is None:
             return
         step = _optimizer_steps(trainer)
-        if step == self._armed_step:
-            return
-        if self._probe.has_captures:  # an earlier window ended without an optimizer step
-            self._probe.release()
-        if step % self._log_interval == 0:
+        if self._probe.has_captures and not (step == self._armed_step and self._probe.has_gradients):
+            self._probe.release()  # a window that ended without an optimizer step, or a skipped batch
+        if step % self._log_interval == 0 and not self._probe.has_captures:
             self._probe.arm()
             self._armed_step = step
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        """Capture the forward pass only (activation checkpointing replays forwards in backward),
+        and one micro-batch only: later micro-batches of the window run unwatched."""
+        if self._probe is not None:
+            self._probe.disarm()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Capture one micro-batch only: later micro-batches of the window run unwatched."""
+        """Stop capturing, also when the batch had no backward pass."""
         if self._probe is not None:
             self._probe.disarm()
 
@@ -334,23 +345,21 @@ class GradHealth(CallbackBase):
         ``optimizer.step()``; once per accumulation window.
         """
         step = _optimizer_steps(trainer)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        logging_step = step % self._log_interval == 0 and step != self._logged_step
+        if logging_step:
+            self._logged_step = step
         if self._probe is not None and self._probe.has_captures:
             norms = self._probe.compute(grad_scale=_loss_scale(trainer))
             self._record_timesteps(trainer, norms, step)
             self._probe_notices()
-        if step % self._log_interval == 0 and step != self._spectra_step:
-            self._spectra_step = step
+        if logging_step:
             self._record_spectra(trainer, step, full=step % self._full_interval == 0)
-        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not parameters:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self._check_nonfinite(optimizer, parameters, step, scaler is not None and scaler.is_enabled(), logging_step):
             return
-        if self._handle_nonfinite(parameters, step, amp_scaler_active=scaler is not None and scaler.is_enabled()):
-            return
-        logging_step = step % self._log_interval == 0 and step != self._logged_step
         metrics: dict[str, float] = {}
         if logging_step:
-            self._logged_step = step
             layer_params = defaultdict(list)
             for record in self.recurrent_weights:
                 layer_params[record.layer_key].append(record.parameter)
@@ -438,7 +447,13 @@ class GradHealth(CallbackBase):
         """Say once per module what the probe could not measure exactly."""
         assert self._probe is not None
         for name in sorted(self._probe.repeated_calls - self._noticed):
-            rank_zero_warn(f"GradHealth: {name!r} runs several times per training step; its first call is measured.")
+            rank_zero_warn(
+                f"GradHealth: {name!r} runs several times per training step; the first call that the loss reaches is measured."
+            )
+        for name, reason in sorted(self._probe.failures.items()):
+            if name not in self._noticed:
+                rank_zero_warn(f"GradHealth: cannot measure dL/dh_t of {name!r} ({reason}); it is left out, training goes on.")
+                self._noticed.add(name)
         for name in sorted(self._probe.dropout_calls - self._noticed):
             rank_zero_warn(
                 f"GradHealth: {name!r} applies inter-layer dropout, whose masks the fused kernel keeps to itself; "
@@ -446,47 +461,70 @@ class GradHealth(CallbackBase):
             )
         self._noticed |= self._probe.repeated_calls | self._probe.dropout_calls
 
-    def _handle_nonfinite(self, parameters: list[torch.Tensor], step: int, amp_scaler_active: bool) -> bool:
-        """Apply ``on_nonfinite`` if a gradient holds NaN/Inf; True when the step is to be skipped.
+    def _check_nonfinite(
+        self, optimizer: Any, parameters: list[torch.Tensor], step: int, amp_scaler_active: bool, logging_step: bool
+    ) -> bool:
+        """One fused NaN/Inf check of the gradients; apply ``on_nonfinite``. True: skip the step.
 
-        Under 16-mixed the GradScaler skips such steps itself and lowers its scale: that is
-        counted but not acted on, so the two never fight.
+        With ``"warn"`` the flags accumulate on the device and are read on logging steps only,
+        so a healthy step costs no host sync; ``"skip"`` and ``"raise"`` must read them every
+        step (one sync). Under 16-mixed the GradScaler skips such steps itself and lowers its
+        scale: they are counted, never acted on, so the two never fight.
         """
         flagged = nonfinite_grads(parameters)
+        if self.on_nonfinite == "warn" or amp_scaler_active:
+            pending = self._pending_nonfinite.get(id(optimizer))
+            if pending is not None:
+                flagged, steps = pending[1] | flagged, pending[2] + flagged.any()
+            else:
+                steps = flagged.any().long()
+            self._pending_nonfinite[id(optimizer)] = (parameters, flagged, steps)
+            if logging_step:
+                self._report_nonfinite(step, warn=not amp_scaler_active)
+            return False
         if not bool(flagged.any()):
             return False
         self.nonfinite_steps += 1
-        if amp_scaler_active:
-            return True
+        described, count = self._describe(parameters, flagged)
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {count} parameters: {described}. "
+                "Training stopped before the optimizer step, so the weights are still finite."
+            )
+        for param in parameters:
+            param.grad = None
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            rank_zero_warn(
+                f"GradHealth: skipped the optimizer step at step {step}: non-finite gradients in {count} "
+                f"parameters ({described}). Later skips are counted in gradhealth/nonfinite/skipped_steps."
+            )
+        return True
+
+    def _describe(self, parameters: list[torch.Tensor], flagged: torch.Tensor) -> tuple[str, int]:
+        """The names of the flagged parameters (the first five, then a count), and how many there are."""
         names = [
             self._param_names.get(id(p), f"<parameter {index}>")
             for index, (p, bad) in enumerate(zip(parameters, flagged.tolist()))
             if bad
         ]
-        described = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        if self.on_nonfinite == "raise":
-            raise NonFiniteGradientError(
-                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {len(names)} parameters: {described}. "
-                "Training stopped before the optimizer step, so the weights are still finite."
-            )
-        if self.on_nonfinite == "skip":
-            for param in parameters:
-                param.grad = None
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), len(names)
+
+    def _report_nonfinite(self, step: int, warn: bool) -> None:
+        """Read the accumulated NaN/Inf flags (one sync), count the steps, warn once per parameter."""
+        for parameters, flagged, steps in self._pending_nonfinite.values():
+            self.nonfinite_steps += int(steps)
+            if not warn or not bool(flagged.any()):
+                continue
+            names = {self._param_names.get(id(p), "") for p, bad in zip(parameters, flagged.tolist()) if bad}
+            if names - self._nonfinite_named:
+                self._nonfinite_named |= names
+                described, count = self._describe(parameters, flagged)
                 rank_zero_warn(
-                    f"GradHealth: skipped the optimizer step at step {step}: non-finite gradients in {len(names)} "
-                    f"parameters ({described}). Later skips are counted in gradhealth/nonfinite/skipped_steps."
+                    f"GradHealth: non-finite gradients (NaN/Inf) in {count} parameters by step {step}: {described}. "
+                    "The optimizer steps went ahead (on_nonfinite='warn'); on_nonfinite='skip' drops such steps."
                 )
-            return True
-        new = [name for name in names if name not in self._nonfinite_named]
-        if new:
-            self._nonfinite_named.update(new)
-            rank_zero_warn(
-                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {len(names)} parameters: {described}. "
-                "The optimizer step goes ahead (on_nonfinite='warn'); use on_nonfinite='skip' to drop such steps."
-            )
-        return False
+        self._pending_nonfinite.clear()
 
     @property
     def suggested_clip_val(self) -> Optional[float]:
@@ -549,6 +587,11 @@ class GradHealth(CallbackBase):
             self._probe.detach()
             self._probe = None
         self._armed_step = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Count and report the NaN/Inf flags gathered since the last logging step."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._report_nonfinite(_optimizer_steps(trainer), warn=not (scaler is not None and scaler.is_enabled()))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Remove every hook: after fit the model runs at full speed and pickles."""

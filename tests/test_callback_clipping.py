@@ -180,7 +180,7 @@ def test_warn_names_the_parameters_once_and_counts_every_step():
         warnings.simplefilter("always")
         pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=4)).fit(NaNFromStep2())
     ours = [str(w.message) for w in caught if "non-finite gradients" in str(w.message)]
-    assert len(ours) == 1 and "at step 2 in 6 parameters: rnn.weight_ih_l0" in ours[0] and "head.weight and 1 more" in ours[0]
+    assert len(ours) == 1 and "in 6 parameters by step 4: rnn.weight_ih_l0" in ours[0] and "head.weight and 1 more" in ours[0]
     assert health.nonfinite_steps == 2
 
 
