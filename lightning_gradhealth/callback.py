@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Any, Literal, Optional
 
@@ -36,7 +37,7 @@ from lightning_gradhealth.clipping import (
 from lightning_gradhealth.figures import timestep_curve_image, timestep_heatmap_image
 from lightning_gradhealth.health import TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.initialize import InitConfig, InitRecord, apply_init_, format_init_report
-from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights
+from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights, parametrized_weights
 from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, eigenvalue_image, full_spectrum
 from lightning_gradhealth.tensorboard import add_histograms, add_images, log_scalars, tensorboard_writers
 
@@ -80,7 +81,7 @@ class GradHealth(CallbackBase):
     layer (all layers, both directions), every ``nn.RNNCell``/``LSTMCell``/``GRUCell`` and the
     custom matrices you name, per gate block, exactly once: at ``on_fit_start``, after
     ``configure_model`` and before the first optimizer step; never when resuming from a
-    checkpoint (``trainer.fit(ckpt_path=...)``) nor on a second ``fit``. Under DDP every rank
+    checkpoint (``trainer.fit(ckpt_path=...)``) nor on a second ``fit`` of the same model. Under DDP every rank
     draws from rank 0's seed, so the weights are identical on every rank.
 
     Every ``log_every_n_steps`` optimizer steps it measures the exact norm of dL/dh_t at every
@@ -153,7 +154,8 @@ class GradHealth(CallbackBase):
         init_report: one :class:`~lightning_gradhealth.InitRecord` per parameter written.
         init_applied: whether init has run for this model (kept in checkpoints).
         init_seed: the seed the init used.
-        recurrent_weights: the recurrent weights found at the start of the latest fit.
+        recurrent_weights: every weight record (recurrent, input, bias) of the recurrent layers
+            found at the start of the latest fit.
         timestep_grad_norms: ``{layer key: (T,) tensor}`` of the latest probe, e.g.
             ``"encoder.rnn.l1_reverse"``; LSTM cell states under the key plus ``".cell"``.
         timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
@@ -249,6 +251,7 @@ class GradHealth(CallbackBase):
         self.init_report: list[InitRecord] = []
         self.init_applied = False
         self.init_seed: Optional[int] = None
+        self._initialized_model: Optional[weakref.ref] = None
         self.recurrent_weights: list[WeightRecord] = []
         self.timestep_grad_norms: dict[str, torch.Tensor] = {}
         self.timestep_summaries: dict[str, TimestepSummary] = {}
@@ -290,6 +293,13 @@ class GradHealth(CallbackBase):
                 f"in {type(pl_module).__name__}; training proceeds untouched."
             )
         self._param_names = {id(param): name for name, param in pl_module.named_parameters()}
+        self._start_fit(_optimizer_steps(trainer))
+        left_out = parametrized_weights(pl_module)
+        if left_out:
+            rank_zero_warn(
+                f"GradHealth leaves out the parametrized weights {', '.join(left_out)}: their parametrization "
+                "defines them, so init does not write them and their spectra are not tracked; dL/dh_t is measured."
+            )
         self._log_interval = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
         full = self.full_every_n_steps or 20 * self._log_interval
         self._full_interval = -(-full // self._log_interval) * self._log_interval  # a multiple of the logging interval
@@ -297,10 +307,18 @@ class GradHealth(CallbackBase):
         if self._probe is not None:
             self._probe.attach()
 
+    def _start_fit(self, step: int) -> None:
+        """Forget per-fit bookkeeping; keep the history of steps before ``step`` (a resumed run goes on)."""
+        self._logged_step = self._armed_step = None
+        self._pending_nonfinite.clear()
+        self._window_clipped, self._window_steps = 0.0, 0
+        for key in list(self.timestep_history):
+            self.timestep_history[key] = [(s, norms) for s, norms in self.timestep_history[key] if s < step]
+
     def _initialize(self, trainer: Any, pl_module: Any) -> None:
         if not self.init_config.changes_weights:
             return
-        if self.init_applied:
+        if self._initialized_model is not None and self._initialized_model() is pl_module:
             rank_zero_info("GradHealth: init already applied to this model; weights left as they are.")
             return
         if trainer.ckpt_path is not None:
@@ -310,6 +328,7 @@ class GradHealth(CallbackBase):
         seed = trainer.strategy.broadcast(seed, src=0)
         self.init_report = apply_init_(pl_module, self.init_config, torch.Generator().manual_seed(seed))
         self.init_seed, self.init_applied = seed, True
+        self._initialized_model = weakref.ref(pl_module)
         layers = len({record.layer_key for record in self.init_report})
         rank_zero_info(
             f"GradHealth: initialized {len(self.init_report)} parameters of {layers} layers "

@@ -25,6 +25,7 @@ from typing import Iterable, Literal, Mapping, Optional
 
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils.parametrize import is_parametrized
 
 from lightning_gradhealth.inits import Fans
 
@@ -35,6 +36,7 @@ __all__ = [
     "find_linear_weights",
     "find_recurrent_weights",
     "match_patterns",
+    "parametrized_weights",
 ]
 
 Role = Literal["recurrent", "input", "bias", "linear"]
@@ -106,7 +108,9 @@ def _cell_records(
     hidden_size: int = module.hidden_size
     recurrent_width = getattr(module, "proj_size", 0) or hidden_size
     cell_fans = Fans(fan_in=input_size + recurrent_width, fan_out=hidden_size)
-    params = dict(module.named_parameters(recurse=False))
+    # a parametrized weight (torch.nn.utils.parametrize) is not a parameter of the module: it is
+    # computed on access, so it can be neither written by init nor read once for spectra
+    params = {name: p for name, p in module.named_parameters(recurse=False) if not is_parametrized(module, name)}
 
     def record(
         prefix: str,
@@ -229,6 +233,16 @@ def find_recurrent_weights(
     if custom:
         records += _custom_records(model, custom, {record.full_name for record in records})
     return records
+
+
+def parametrized_weights(model: nn.Module) -> list[str]:
+    """Names of the parametrized weights of recurrent layers, which GradHealth leaves out."""
+    return [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and is_parametrized(module)
+        for name in module.parametrizations
+    ]
 
 
 def has_uninitialized_params(module: nn.Module) -> bool:

@@ -97,15 +97,22 @@ def test_trainer_clipping_and_gradhealth_clipping_together_fail_at_fit_start_and
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_trainer_clipping_alone_is_left_to_the_trainer_and_logged_before_it_clips():
+def test_trainer_clipping_alone_is_left_to_the_trainer_and_logged_before_it_clips(tmp_path):
     torch.manual_seed(0)
     before, after = GradsBeforeStep(), GradsBeforeStep()
-    health = GradHealth(log_every_n_steps=1)
-    pytorch_lightning.Trainer(callbacks=[before, health, after], **trainer_kwargs(max_steps=2, gradient_clip_val=1e-3)).fit(
-        PLSequenceModel()
-    )
+    health, logger = GradHealth(log_every_n_steps=1), CSVLogger(tmp_path, name="run")
+    pytorch_lightning.Trainer(
+        callbacks=[before, health, after], **trainer_kwargs(max_steps=2, gradient_clip_val=1e-3, logger=logger)
+    ).fit(PLSequenceModel())
+    logger.save()
     # GradHealth does not clip: the gradients it hands on are the ones it received
     assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
+    import csv
+
+    rows = [r for r in csv.DictReader(open(logger.experiment.metrics_file_path)) if r.get("gradhealth/grad_norm/total")]
+    true_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in before.grads[0].values()])).item()
+    assert float(rows[0]["gradhealth/grad_norm/total"]) == pytest.approx(true_norm, rel=1e-5)
+    assert true_norm > 1e-2  # well above the Trainer's threshold: the logged norm is the pre-clip one
 
 
 class NaNAtStep(PLSequenceModel):

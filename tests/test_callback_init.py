@@ -88,6 +88,28 @@ def test_second_fit_does_not_initialize_again(seeded):
     assert all(torch.equal(after_first_fit[name], value) for name, value in recorder.snapshots[1].items())
 
 
+def test_the_same_callback_initializes_a_new_model_in_a_later_fit(seeded):
+    callback = GradHealth(init="identity")
+    pytorch_lightning.Trainer(callbacks=[callback], **trainer_kwargs()).fit(PLSequenceModel())
+    model, recorder = PLSequenceModel(build=lambda: nn.GRU(3, 8, batch_first=True)), WeightsAtTrainStart()
+    pytorch_lightning.Trainer(callbacks=[callback, recorder], **trainer_kwargs()).fit(model)
+    assert torch.equal(recorder.snapshots[0]["rnn.weight_hh_l0"], torch.eye(8).repeat(3, 1))
+
+
+def test_parametrized_recurrent_weights_are_left_out_with_one_warning(seeded):
+    from torch.nn.utils import parametrizations
+
+    model = PLSequenceModel()
+    parametrizations.orthogonal(model.rnn, "weight_hh_l0")
+    health = GradHealth(init="identity", log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs()).fit(model)
+    assert sum("leaves out the parametrized weights rnn.weight_hh_l0" in str(w.message) for w in caught) == 1
+    assert "rnn.weight_hh_l0" not in {r.parameter for r in health.init_report}
+    assert health.timestep_grad_norms["rnn.l0"].shape == (6,)
+
+
 @pytest.mark.parametrize("saved_with_gradhealth", [True, False])
 def test_resume_from_checkpoint_keeps_the_checkpoints_weights_bit_for_bit(tmp_path, saved_with_gradhealth, seeded):
     first_callbacks = [GradHealth(init="orthogonal")] if saved_with_gradhealth else []

@@ -141,10 +141,19 @@ class WithValidation(PLSequenceModel):
 def test_no_probe_during_validation_and_hooks_are_gone_after_fit():
     torch.manual_seed(0)
     model, health = WithValidation(), GradHealth(log_every_n_steps=1)
+
+    class ProbeStateInValidation(pytorch_lightning.Callback):
+        armed: list[bool] = []
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.armed.append(health._probe.armed)
+
+    watcher = ProbeStateInValidation()
     trainer = pytorch_lightning.Trainer(
-        callbacks=[health], **trainer_kwargs(max_steps=4, val_check_interval=2, num_sanity_val_steps=2)
+        callbacks=[health, watcher], **trainer_kwargs(max_steps=4, val_check_interval=2, num_sanity_val_steps=2)
     )
     trainer.fit(model)
+    assert len(watcher.armed) > 2 and not any(watcher.armed)
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1, 2, 3]
     assert not model.rnn._forward_hooks and not model.rnn._forward_hooks_with_kwargs
     pickle.dumps(model)
@@ -196,4 +205,61 @@ def test_inter_layer_dropout_and_repeated_calls_are_reported_once():
     messages = [str(w.message) for w in caught]
     assert sum("'rnn' runs several times per training step" in m for m in messages) == 1
     assert sum("'rnn' applies inter-layer dropout" in m for m in messages) == 1
-    assert all(bool(torch.isfinite(v).all()) for v in health.timestep_grad_norms.values())
+    # the measured call is the one the loss reaches (the first call's output is discarded)
+    assert all(bool((v > 0).all()) for v in health.timestep_grad_norms.values())
+
+
+def test_a_repeated_call_whose_output_is_discarded_is_not_the_one_measured():
+    torch.manual_seed(0)
+
+    class DiscardFirst(PLSequenceModel):
+        def forward(self, x):
+            self.rnn(x[:, :3])
+            return super().forward(x)
+
+    model, recorder, health = DiscardFirst(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=1)).fit(model)
+    batch, model_before = recorder.seen[0]
+    for key, values in _reference_for(model_before, batch).items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+
+
+def test_a_skipped_batch_on_a_sampled_step_does_not_leave_stale_captures():
+    torch.manual_seed(0)
+
+    class SkipFirstBatch(PLSequenceModel):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+    model, recorder, health = SkipFirstBatch(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=2)).fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [1]  # batch 0 had no backward pass
+    batch, model_before = recorder.seen[1]
+    for key, values in _reference_for(model_before, batch).items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+
+
+def test_input_passed_by_keyword_and_a_layer_subclass_are_measured():
+    torch.manual_seed(0)
+
+    class MyGRU(nn.GRU):
+        def __init__(self, width: int) -> None:
+            super().__init__(3, width, num_layers=2, batch_first=True)
+
+    class Keyword(PLSequenceModel):
+        def forward(self, x):
+            states, _ = self.rnn(input=x)
+            return self.head(states[:, -1])
+
+    health = GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=1)).fit(Keyword(build=lambda: MyGRU(8)))
+    assert set(health.timestep_grad_norms) == {"rnn.l0", "rnn.l1"}
+    assert all(bool((v > 0).all()) for v in health.timestep_grad_norms.values())
+
+
+def test_a_second_fit_with_a_new_trainer_restarts_the_history():
+    health = GradHealth(log_every_n_steps=1)
+    model = PLSequenceModel()
+    for _ in range(2):
+        pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=2)).fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1]
