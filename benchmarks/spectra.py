@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per size (medians are printed)")
     parser.add_argument("--log-every-n-steps", type=int, default=50, help="cheap pass interval, in training steps")
-    parser.add_argument("--full-every", type=int, default=10, help="full pass interval, in logging steps")
+    parser.add_argument("--full-every", type=int, default=20, help="full pass interval, in logging steps (GradHealth's default)")
     parser.add_argument("--budget", type=float, default=1.0, help="overhead target in percent of training time")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (the reference workload) or e.g. cuda")

@@ -8,7 +8,7 @@ Prints, for the reference workload (1-layer LSTM, input 32, hidden 256, T=100, b
 - resident memory over 2,000 probed training steps (it must stay flat).
 
 Usage:
-    python benchmarks/timesteps.py            # about 5 minutes on 2 cores
+    python benchmarks/timesteps.py            # about 15 minutes on 2 cores
     python benchmarks/timesteps.py --quick    # fewer repeats, smaller memory run
 """
 
@@ -117,6 +117,49 @@ def _fit_step_times(spec: dict, steps: int, callbacks: list[pl.Callback], logdir
     return timer.times
 
 
+class _TimedGradHealth(GradHealth):
+    """GradHealth with a stopwatch around each of its training-step hooks, summed per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_step: list[float] = []
+        for name in ("on_train_batch_start", "on_before_backward", "on_train_batch_end", "on_before_optimizer_step"):
+            setattr(self, name, self._timed(name, getattr(self, name)))
+
+    def _timed(self, name: str, hook):  # type: ignore[no-untyped-def]
+        def timed(*args: object) -> None:
+            if name == "on_train_batch_start":
+                self.per_step.append(0.0)
+            start = time.perf_counter()
+            hook(*args)
+            self.per_step[-1] += time.perf_counter() - start
+
+        return timed
+
+
+def steady_state_overhead(spec: dict, steps: int, logdir: str) -> tuple[float, float, float, float]:
+    """GradHealth()'s share of training time over one period of its default schedule.
+
+    One fit of ``steps`` steps times the callback's hooks on each step. Steps are of three
+    kinds: step 0 (probe, sigma_max, full spectra and pictures), the other probed steps (every
+    50), and the rest. Over the 1000 steps between two full passes there are 1, 19 and 980 of
+    them, so the overhead is ``(full + 19 probed + 980 other) / (1000 x training step)``,
+    measured in one process and independent of the machine's drift between runs. Left out: the
+    forward-pass capture on probed steps (references and tensor hooks), and the forward hooks'
+    flag check on the others.
+
+    Returns:
+        (overhead, hook seconds at step 0, mean hook seconds on probed steps, on other steps).
+    """
+    health = _TimedGradHealth()
+    step_times = _fit_step_times(spec, steps, [health], logdir)
+    probed = [t for step, t in enumerate(health.per_step) if step % 50 == 0 and step > 0]
+    other = [t for step, t in enumerate(health.per_step[5:], start=5) if step % 50]
+    train_step = statistics.median(t - h for t, h in zip(step_times[5:], health.per_step[5:]))
+    full, probe, rest = health.per_step[0], statistics.median(probed), statistics.median(other)
+    return (full + 19 * probe + 980 * rest) / (1000 * train_step), full, probe, rest
+
+
 def callback_overhead(spec: dict, steps: int, rounds: int, logdir: str) -> float:
     """Mean step time with GradHealth() over mean step time without, interleaved fits after a warm-up fit."""
     _fit_step_times(spec, 20, [GradHealth()], logdir)
@@ -163,25 +206,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     parser.add_argument("--logdir", default="/tmp/gradhealth-bench")
+    parser.add_argument("--parts", default="ratio,overhead,memory", help="comma-separated: ratio, overhead, memory")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    print(f"{'workload':28} {'fwd+bwd ms':>11} {'probe ms':>9} {'probe/fb':>9}")
-    for name, spec in WORKLOADS.items():
-        plain, probed = probe_ratio(spec, repeats=3 if args.quick else 7)
-        print(f"{name:28} {plain * 1e3:11.1f} {probed * 1e3:9.1f} {probed / plain:9.2f}x")
-    print()
-    steps, rounds = (110, 1) if args.quick else (160, 3)
-    for name, spec in WORKLOADS.items():
-        if args.quick and spec["hidden"] > 256:
-            continue
-        overhead = callback_overhead(spec, steps, rounds, args.logdir)
-        print(f"GradHealth() default overhead on a training step, {name}: {overhead * 100:+.1f}%")
-    print()
-    samples = memory_over_steps(800 if args.quick else 2000, args.logdir)
-    print("resident memory while probing every step: " + ", ".join(f"step {s}: {m:.0f} MiB" for s, m in samples))
+    if "ratio" in args.parts:
+        print(f"{'workload':28} {'fwd+bwd ms':>11} {'probe ms':>9} {'probe/fb':>9}")
+        for name, spec in WORKLOADS.items():
+            plain, probed = probe_ratio(spec, repeats=3 if args.quick else 7)
+            print(f"{name:28} {plain * 1e3:11.1f} {probed * 1e3:9.1f} {probed / plain:9.2f}x")
+        print()
+    if "overhead" in args.parts:
+        for name, spec in WORKLOADS.items():
+            overhead, full, probe, rest = steady_state_overhead(spec, 101 if spec["hidden"] > 256 else 201, args.logdir)
+            print(
+                f"GradHealth() default, {name}: {overhead * 100:.2f}% of training time "
+                f"(hooks: step 0 {full * 1e3:.0f} ms, probed steps {probe * 1e3:.0f} ms, others {rest * 1e3:.2f} ms)"
+            )
+        spec = WORKLOADS["LSTM 1x256, T=100, B=64"]
+        rounds = 1 if args.quick else 3
+        overhead = callback_overhead(spec, 160, rounds, args.logdir)
+        print(f"  cross-check, interleaved fits with and without it (noisy on a shared machine): {overhead * 100:+.1f}%")
+        print()
+    if "memory" in args.parts:
+        samples = memory_over_steps(800 if args.quick else 2000, args.logdir)
+        print("resident memory while probing every step: " + ", ".join(f"step {s}: {m:.0f} MiB" for s, m in samples))
 
 
 if __name__ == "__main__":

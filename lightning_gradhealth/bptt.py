@@ -139,6 +139,13 @@ def _at_last_steps(final_grad: Optional[Tensor], steps: int, lengths: Optional[T
     return placed
 
 
+def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight.T + bias`` over ``(T, B, F)`` in one matrix product."""
+    flat = x.reshape(-1, x.shape[-1])
+    product = flat @ weight.T if bias is None else torch.addmm(bias, flat, weight.T)
+    return product.view(*x.shape[:-1], weight.shape[0])
+
+
 def backward_through_time(
     cell_type: str,
     weights: CellWeights,
@@ -186,26 +193,20 @@ def backward_through_time(
     final_state_part = _at_last_steps(final_state_grad, steps, lengths)
     direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
     previous = _previous_states(states, initial_state)
-    input_part = inputs @ weights.w_ih.T
-    recurrent_part = previous @ weights.w_hh.T
-    if weights.b_ih is not None:
-        input_part = input_part + weights.b_ih
-    if weights.b_hh is not None:
-        recurrent_part = recurrent_part + weights.b_hh
-    pre_activation_grads = torch.empty_like(input_part)
+    input_part = _affine(inputs, weights.w_ih, weights.b_ih)
+    recurrent_part = _affine(previous, weights.w_hh, weights.b_hh)
     state_grads = torch.empty_like(states)
     carry = torch.zeros_like(initial_state)
 
     if cell_type in ("rnn_tanh", "rnn_relu"):
+        pre_activation_grads = torch.empty_like(input_part)
         if cell_type == "rnn_tanh":
             derivative = 1 - states * states
         else:
             derivative = ((input_part + recurrent_part) > 0).to(states.dtype)
         for t in reversed(range(steps)):
-            grad_h = direct_grads[t] + carry
-            state_grads[t] = grad_h
-            pre_activation_grads[t] = grad_h * derivative[t]
-            carry = pre_activation_grads[t] @ weights.w_hh
+            grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
+            carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
         return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
 
     if cell_type == "gru":
@@ -213,54 +214,64 @@ def backward_through_time(
         hidden_r, hidden_z, hidden_n = recurrent_part.chunk(3, dim=-1)
         reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
         candidate = torch.tanh(input_n + reset * hidden_n)
-        recurrent_grads = torch.empty_like(recurrent_part)
+        # h_t = (1 - z) n + z h_{t-1}: every gate gradient is dL/dh_t times a factor known up front
+        to_candidate = (1 - update) * (1 - candidate * candidate)
+        to_reset = to_candidate * hidden_n * reset * (1 - reset)
+        to_update = (previous - candidate) * update * (1 - update)
+        input_factors = torch.stack([to_reset, to_update, to_candidate], dim=-2)  # (T, B, 3, H)
+        recurrent_factors = torch.stack([to_reset, to_update, to_candidate * reset], dim=-2)
+        recurrent_grads = torch.empty_like(recurrent_factors)
         for t in reversed(range(steps)):
-            grad_h = direct_grads[t] + carry
-            state_grads[t] = grad_h
-            grad_n = grad_h * (1 - update[t]) * (1 - candidate[t] * candidate[t])
-            grad_r = grad_n * hidden_n[t] * reset[t] * (1 - reset[t])
-            grad_z = grad_h * (previous[t] - candidate[t]) * update[t] * (1 - update[t])
-            pre_activation_grads[t] = torch.cat([grad_r, grad_z, grad_n], dim=-1)
-            recurrent_grads[t] = torch.cat([grad_r, grad_z, grad_n * reset[t]], dim=-1)
-            carry = grad_h * update[t] + recurrent_grads[t] @ weights.w_hh
+            grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
+            torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
+            carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
+        pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
         return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
 
     if cell_type != "lstm":
         raise ValueError(f"unknown cell type {cell_type!r}; expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'")
     if initial_cell is None:
         raise ValueError("an LSTM needs its initial cell state")
-    gate_input, gate_forget, gate_cell, gate_output = (input_part + recurrent_part).chunk(4, dim=-1)
-    gate_input, gate_forget, gate_output = gate_input.sigmoid(), gate_forget.sigmoid(), gate_output.sigmoid()
-    gate_cell = gate_cell.tanh()
+    gates = input_part.add_(recurrent_part).view(*input_part.shape[:-1], 4, -1)
+    # contiguous per-gate copies: the step-by-step loops below read them one timestep at a time
+    gate_input, gate_forget, gate_cell, gate_output = (gate.contiguous() for gate in gates.unbind(dim=-2))
+    gate_input.sigmoid_(), gate_forget.sigmoid_(), gate_cell.tanh_(), gate_output.sigmoid_()
     cells = torch.empty_like(gate_cell)
+    cell_inputs = gate_input * gate_cell
     cell = initial_cell
     for t in range(steps):
-        cell = gate_forget[t] * cell + gate_input[t] * gate_cell[t]
-        cells[t] = cell
-    previous_cells = _previous_states(cells, initial_cell)
+        cell = torch.addcmul(cell_inputs[t], gate_forget[t], cell, out=cells[t])
     tanh_cells = cells.tanh()
+    # Everything in the recursion that does not depend on the recursion, for all steps at once:
+    # dL/dc_t = dL/dh~_t * output_to_cell_t + f_{t+1} dL/dc_{t+1}, and the gate pre-activation
+    # gradients are dL/dc_t (input, forget, cell gates) or dL/dh~_t (output gate) times
+    # gate_factors; s(1 - s) is written addcmul(s, s, s, value=-1) to save passes over memory.
+    output_to_cell = torch.addcmul(gate_output, gate_output, tanh_cells * tanh_cells, value=-1)
+    gate_factors = torch.empty_like(gates)
+    factor_input, factor_forget, factor_cell, factor_output = gate_factors.unbind(dim=-2)
+    torch.addcmul(gate_input, gate_input, gate_input, value=-1, out=factor_input).mul_(gate_cell)
+    torch.addcmul(gate_forget, gate_forget, gate_forget, value=-1, out=factor_forget)
+    factor_forget[1:].mul_(cells[:-1])
+    factor_forget[0].mul_(initial_cell)
+    torch.addcmul(gate_input, gate_input, gate_cell * gate_cell, value=-1, out=factor_cell)
+    torch.addcmul(gate_output, gate_output, gate_output, value=-1, out=factor_output).mul_(tanh_cells)
+    pre_activation_grads = torch.empty_like(input_part)
+    gate_grads = pre_activation_grads.view(gate_factors.shape)
     cell_grads = torch.empty_like(cells)
     carry_cell = torch.zeros_like(initial_cell)
     final_cell_part = _at_last_steps(final_cell_grad, steps, lengths)
+    if final_cell_part is not None:
+        carry_cell = carry_cell + final_cell_part[-1]
     for t in reversed(range(steps)):
-        grad_h = direct_grads[t] + carry
-        state_grads[t] = grad_h
+        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
         grad_unprojected = grad_h if weights.w_hr is None else grad_h @ weights.w_hr
-        grad_c = grad_unprojected * gate_output[t] * (1 - tanh_cells[t] * tanh_cells[t]) + carry_cell
-        if final_cell_part is not None:
-            grad_c = grad_c + final_cell_part[t]
-        cell_grads[t] = grad_c
-        pre_activation_grads[t] = torch.cat(
-            [
-                grad_c * gate_cell[t] * gate_input[t] * (1 - gate_input[t]),
-                grad_c * previous_cells[t] * gate_forget[t] * (1 - gate_forget[t]),
-                grad_c * gate_input[t] * (1 - gate_cell[t] * gate_cell[t]),
-                grad_unprojected * tanh_cells[t] * gate_output[t] * (1 - gate_output[t]),
-            ],
-            dim=-1,
-        )
+        grad_c = torch.addcmul(carry_cell, grad_unprojected, output_to_cell[t], out=cell_grads[t])
+        torch.mul(gate_factors[t, :, :3], grad_c.unsqueeze(1), out=gate_grads[t, :, :3])
+        torch.mul(gate_factors[t, :, 3], grad_unprojected, out=gate_grads[t, :, 3])
         carry = pre_activation_grads[t] @ weights.w_hh
         carry_cell = grad_c * gate_forget[t]
+        if final_cell_part is not None and t > 0:
+            carry_cell = carry_cell + final_cell_part[t - 1]
     return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih)
 
 

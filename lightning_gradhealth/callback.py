@@ -588,14 +588,15 @@ class GradHealth(CallbackBase):
             self._add_timestep_images(trainer, step)
 
     def _add_timestep_images(self, trainer: Any, step: int) -> None:
+        """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap."""
         writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
         if not writers:
             return
         images = {}
         for key, values in self.timestep_grad_norms.items():
-            if key.endswith(".cell") and key[: -len(".cell")] in self.timestep_grad_norms:
-                continue
-            curves = {key: values, **({key + ".cell": self.timestep_grad_norms[key + ".cell"]} if key + ".cell" in self.timestep_grad_norms else {})}
+            if key.endswith(".cell") and key.removesuffix(".cell") in self.timestep_grad_norms:
+                continue  # drawn with its state's curve
+            curves = {name: norms for name, norms in self.timestep_grad_norms.items() if name in (key, key + ".cell")}
             images[f"gradhealth/{key}/timestep_grad_norms"] = timestep_curve_image(curves, key, step)
             steps, rows = zip(*self.timestep_history[key])
             images[f"gradhealth/{key}/timestep_heatmap"] = timestep_heatmap_image(steps, rows, key)

@@ -8,6 +8,7 @@ import lightning.pytorch as lightning_pytorch
 import pytest
 import pytorch_lightning
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 
@@ -67,6 +68,28 @@ class PLSequenceModel(_SequenceRegression, pytorch_lightning.LightningModule):
 
 class LSequenceModel(_SequenceRegression, lightning_pytorch.LightningModule):
     """The test model as a ``lightning.pytorch`` module."""
+
+
+class PLManualSequenceModel(PLSequenceModel):
+    """The test model with manual optimization; its loss is multiplied by ``loss_multiplier``."""
+
+    def __init__(self, loss_multiplier: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.loss_multiplier = loss_multiplier
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx) * self.loss_multiplier)
+        optimizer.step()
+
+
+def tensorboard_events(log_dir: Any) -> EventAccumulator:
+    """TensorBoard's own reader over the event files in ``log_dir``, fully loaded."""
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
 
 
 def weights(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from conftest import PLSequenceModel, trainer_kwargs
+from conftest import PLManualSequenceModel, PLSequenceModel, trainer_kwargs
 from lightning_gradhealth import GradHealth
 from lightning_gradhealth.callback import NonFiniteGradientError
 
@@ -193,20 +193,10 @@ def test_warn_names_the_parameters_once_and_counts_every_step():
 
 def test_clipping_in_manual_optimization():
     torch.manual_seed(0)
-
-    class Manual(PLSequenceModel):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            self.manual_backward(super().training_step(batch, batch_idx) * 100)
-            optimizer.step()
-
     after, health = GradsBeforeStep(), GradHealth(clip="norm", clip_val=0.01)
-    pytorch_lightning.Trainer(callbacks=[health, after], **trainer_kwargs(max_steps=2)).fit(Manual())
+    pytorch_lightning.Trainer(callbacks=[health, after], **trainer_kwargs(max_steps=2)).fit(
+        PLManualSequenceModel(loss_multiplier=100)
+    )
     for grads in after.grads:
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item() == pytest.approx(0.01, rel=1e-4)
 

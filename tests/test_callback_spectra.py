@@ -9,17 +9,10 @@ import pytest
 import pytorch_lightning
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import PLSequenceModel, trainer_kwargs
+from conftest import PLSequenceModel, tensorboard_events, trainer_kwargs
 from lightning_gradhealth import GradHealth
-
-
-def _events(log_dir) -> EventAccumulator:
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    accumulator.Reload()
-    return accumulator
 
 
 def test_a_real_fit_writes_spectral_scalars_histograms_and_the_eigenvalue_picture(tmp_path):
@@ -28,7 +21,7 @@ def test_a_real_fit_writes_spectral_scalars_histograms_and_the_eigenvalue_pictur
     health = GradHealth(init="orthogonal", log_every_n_steps=2, full_every_n_steps=4)
     model = PLSequenceModel(build=lambda: nn.LSTM(3, 8, batch_first=True))
     pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=5, logger=logger)).fit(model)
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
     for gate in "ifgo":
         assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")] == [0, 2, 4]
@@ -49,7 +42,7 @@ def test_projections_are_non_square_singular_values_only(tmp_path):
     health = GradHealth(init="orthogonal", log_every_n_steps=1, full_every_n_steps=1)
     model = PLSequenceModel(build=lambda: nn.LSTM(3, 8, batch_first=True, proj_size=4), output_width=4)
     pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=1, logger=logger)).fit(model)
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
     # weight_hh gate blocks are 8 x 4 and weight_hr is 4 x 8: singular values, no eigenvalues
     for gate in ("i", "proj"):
@@ -73,7 +66,7 @@ def test_logged_spectra_equal_numpy_on_the_weights_of_that_step(tmp_path):
     health = GradHealth(log_every_n_steps=1, full_every_n_steps=3)
     model = PLSequenceModel(build=lambda: nn.GRU(3, 6, batch_first=True), output_width=6)
     pytorch_lightning.Trainer(callbacks=[weights, health], **trainer_kwargs(max_steps=4, logger=logger)).fit(model)
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     for step in (0, 3):
         for index, block in enumerate(np.split(weights.at_step[step], 3)):
             gate = "rzn"[index]

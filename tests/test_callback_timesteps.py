@@ -11,10 +11,9 @@ import pytorch_lightning
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import PLSequenceModel, trainer_kwargs
+from conftest import PLManualSequenceModel, PLSequenceModel, tensorboard_events, trainer_kwargs
 from lightning_gradhealth import GradHealth
 from reference_rnn import reference_norms, unrolled
 
@@ -90,19 +89,13 @@ def test_16_mixed_norms_are_unscaled(build):
     assert results[0].dtype == torch.float32 and bool((results[0] > 0).all())
 
 
-def _event_file_data(log_dir):
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    accumulator.Reload()
-    return accumulator
-
-
 def test_scalars_and_pictures_reach_the_tensorboard_event_file(tmp_path):
     torch.manual_seed(0)
     logger = TensorBoardLogger(tmp_path, name="run")
     health = GradHealth(log_every_n_steps=2, full_every_n_steps=4)
     trainer = pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=5, logger=logger))
     trainer.fit(PLSequenceModel())
-    events = _event_file_data(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
     for name in ("transmission", "horizon", "rate_per_step", "dh_norm_first", "dh_norm_last"):
         assert f"gradhealth/rnn.l0/{name}" in tags["scalars"]
@@ -161,21 +154,13 @@ def test_no_probe_during_validation_and_hooks_are_gone_after_fit():
 
 def test_manual_optimization_is_measured_inside_optimizer_step():
     torch.manual_seed(0)
-
-    class Manual(PLSequenceModel):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            self.manual_backward(super().training_step(batch, batch_idx))
-            optimizer.step()
-
-    health = GradHealth(log_every_n_steps=1)
-    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3)).fit(Manual())
-    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1, 2]
+    recorder, health = RecordBatches(), GradHealth(log_every_n_steps=2)
+    model = PLManualSequenceModel(build=_stacked_lstm, output_width=8)
+    pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=3)).fit(model)
+    assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 2]
+    batch, model_before = recorder.seen[2]
+    for key, values in _reference_for(model_before, batch).items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
 
 
 def test_timesteps_false_attaches_nothing():
