@@ -293,7 +293,8 @@ class GradHealth(CallbackBase):
                 f"in {type(pl_module).__name__}; training proceeds untouched."
             )
         self._param_names = {id(param): name for name, param in pl_module.named_parameters()}
-        self._start_fit(_optimizer_steps(trainer))
+        # on resume the loop's step counter is restored only after on_fit_start: keep the history
+        self._start_fit(None if trainer.ckpt_path is not None else _optimizer_steps(trainer))
         left_out = parametrized_weights(pl_module)
         if left_out:
             rank_zero_warn(
@@ -307,11 +308,14 @@ class GradHealth(CallbackBase):
         if self._probe is not None:
             self._probe.attach()
 
-    def _start_fit(self, step: int) -> None:
-        """Forget per-fit bookkeeping; keep the history of steps before ``step`` (a resumed run goes on)."""
+    def _start_fit(self, step: Optional[int]) -> None:
+        """Forget per-fit bookkeeping; keep the history of steps before ``step`` (all of it when
+        ``None``: a resumed run goes on), so a new run starting at step 0 starts a new heatmap."""
         self._logged_step = self._armed_step = None
         self._pending_nonfinite.clear()
         self._window_clipped, self._window_steps = 0.0, 0
+        if step is None:
+            return
         for key in list(self.timestep_history):
             self.timestep_history[key] = [(s, norms) for s, norms in self.timestep_history[key] if s < step]
 
@@ -622,10 +626,34 @@ class GradHealth(CallbackBase):
         self._detach()
 
     def state_dict(self) -> dict[str, Any]:
-        """Whether init was applied, and with which seed, so a resumed run never re-initializes."""
-        return {"init_applied": self.init_applied, "init_seed": self.init_seed}
+        """What a resumed run needs to go on where this one stopped: whether init was applied
+        (and its seed), the heatmap rows, the non-finite counts, the clip-threshold statistics
+        and the warm-start vectors of the sigma_max iteration. Tensors and plain Python values only."""
+        return {
+            "init_applied": self.init_applied,
+            "init_seed": self.init_seed,
+            "timestep_history": {
+                key: [(step, torch.from_numpy(norms)) for step, norms in rows] for key, rows in self.timestep_history.items()
+            },
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped_steps": self.skipped_steps,
+            "clip_suggester": self.clip_suggester.state_dict(),
+            "sigma_trackers": {name: tracker.state_dict() for name, tracker in self._sigma_trackers.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; Lightning calls it before ``on_fit_start`` on resume."""
         self.init_applied = bool(state_dict.get("init_applied", False))
         self.init_seed = state_dict.get("init_seed")
+        self.timestep_history = {
+            key: [(int(step), torch.as_tensor(norms).numpy()) for step, norms in rows]
+            for key, rows in state_dict.get("timestep_history", {}).items()
+        }
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        if "clip_suggester" in state_dict:
+            self.clip_suggester.load_state_dict(state_dict["clip_suggester"])
+        self._sigma_trackers = {}
+        for name, tracker_state in state_dict.get("sigma_trackers", {}).items():
+            self._sigma_trackers[name] = SigmaMaxTracker()
+            self._sigma_trackers[name].load_state_dict(tracker_state)

@@ -216,3 +216,23 @@ def test_a_pattern_that_matches_nothing_stops_before_any_step_and_leaves_weights
 def test_bad_arguments_fail_at_construction(arguments, message):
     with pytest.raises(ValueError, match=message.replace("?", r"\?").replace(">", ".")):
         GradHealth(**arguments)
+
+
+def test_a_resumed_run_continues_the_heatmap_counters_and_warm_starts(tmp_path, seeded):
+    first = GradHealth(init="orthogonal", log_every_n_steps=2)
+    trainer = pytorch_lightning.Trainer(callbacks=[first], **trainer_kwargs(max_steps=4))
+    trainer.fit(PLSequenceModel())
+    checkpoint_path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(checkpoint_path)
+
+    resumed = GradHealth(init="orthogonal", log_every_n_steps=2)
+    pytorch_lightning.Trainer(callbacks=[resumed], **trainer_kwargs(max_steps=7)).fit(
+        PLSequenceModel(), ckpt_path=checkpoint_path
+    )
+    assert [step for step, _ in resumed.timestep_history["rnn.l0"]] == [0, 2, 4, 6]
+    saved = torch.load(checkpoint_path, weights_only=False)["callbacks"]["GradHealth"]
+    for before, after in zip(first.timestep_history["rnn.l0"], resumed.timestep_history["rnn.l0"][:2]):
+        assert before[0] == after[0] and (before[1] == after[1]).all()
+    assert set(saved["sigma_trackers"]) == {"rnn.weight_hh_l0"}
+    assert saved["clip_suggester"]["count"] == 2  # steps 0 and 2 were logged without clipping
+    assert resumed.clip_suggester.state_dict()["count"] == 4  # ... and the resumed run adds 4 and 6
