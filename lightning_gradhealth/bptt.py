@@ -318,14 +318,16 @@ def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
 def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Optional[FusedCapture]:
     """Record one forward call of ``module`` and hook the gradients of its outputs.
 
-    Returns ``None`` when no output requires grad (nothing will flow back through this call),
-    or when the call does not look like the built-in layer's (a subclass with another
-    signature or output): such a call is not measured.
+    Returns ``None`` when no output requires grad (nothing will flow back through this call).
+
+    Raises:
+        ValueError: the call does not look like the built-in layer's (a subclass with another
+            signature or output), so it cannot be measured.
     """
     inputs = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     if not isinstance(output, tuple) or len(output) != 2 or not isinstance(inputs, (Tensor, PackedSequence)):
-        return None
+        raise ValueError("its forward takes or returns something other than the built-in layer's (input, hx) -> (output, h_n)")
     sequence, finals = output
     final_state, final_cell = finals if isinstance(finals, tuple) else (finals, None)
     if isinstance(inputs, PackedSequence):

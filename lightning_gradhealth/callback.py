@@ -259,7 +259,7 @@ class GradHealth(CallbackBase):
         self._probe: Optional[TimestepProbe] = None
         self._armed_step: Optional[int] = None
         self._warned: set[tuple[str, str]] = set()
-        self._noticed: set[str] = set()
+        self._noticed: set[tuple[str, str]] = set()
         self.spectra: dict[str, MatrixSpectrum] = {}
         self._sigma_trackers: dict[str, SigmaMaxTracker] = {}
         self._log_interval = 1
@@ -374,6 +374,7 @@ class GradHealth(CallbackBase):
         if self._probe is not None and self._probe.has_captures:
             norms = self._probe.compute(grad_scale=_loss_scale(trainer))
             self._record_timesteps(trainer, norms, step)
+        if self._probe is not None and logging_step:
             self._probe_notices()
         if logging_step:
             self._record_spectra(trainer, step, full=step % self._full_interval == 0)
@@ -467,22 +468,26 @@ class GradHealth(CallbackBase):
         add_images(writers, images, step)
 
     def _probe_notices(self) -> None:
-        """Say once per module what the probe could not measure exactly."""
+        """Say once per module and kind what the probe could not measure exactly."""
         assert self._probe is not None
-        for name in sorted(self._probe.repeated_calls - self._noticed):
-            rank_zero_warn(
-                f"GradHealth: {name!r} runs several times per training step; the first call that the loss reaches is measured."
-            )
-        for name, reason in sorted(self._probe.failures.items()):
-            if name not in self._noticed:
-                rank_zero_warn(f"GradHealth: cannot measure dL/dh_t of {name!r} ({reason}); it is left out, training goes on.")
-                self._noticed.add(name)
-        for name in sorted(self._probe.dropout_calls - self._noticed):
-            rank_zero_warn(
-                f"GradHealth: {name!r} applies inter-layer dropout, whose masks the fused kernel keeps to itself; "
-                "its dL/dh_t is measured on the same layers without dropout, under the real upstream gradients."
-            )
-        self._noticed |= self._probe.repeated_calls | self._probe.dropout_calls
+        notices = {
+            **{
+                ("repeated", name): f"{name!r} runs several times per training step; the first call that the loss reaches is measured."
+                for name in self._probe.repeated_calls
+            },
+            **{
+                ("dropout", name): f"{name!r} applies inter-layer dropout, whose masks the fused kernel keeps to itself; its "
+                "dL/dh_t is measured on the same layers without dropout, under the real upstream gradients."
+                for name in self._probe.dropout_calls
+            },
+            **{
+                ("failure", name): f"cannot measure dL/dh_t of {name!r} ({reason}); it is left out, training goes on."
+                for name, reason in self._probe.failures.items()
+            },
+        }
+        for key in sorted(notices.keys() - self._noticed):
+            rank_zero_warn(f"GradHealth: {notices[key]}")
+        self._noticed |= notices.keys()
 
     def _check_nonfinite(
         self, optimizer: Any, parameters: list[torch.Tensor], step: int, amp_scaler_active: bool, logging_step: bool

@@ -248,3 +248,25 @@ def test_a_second_fit_with_a_new_trainer_restarts_the_history():
     for _ in range(2):
         pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=2)).fit(model)
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 1]
+
+
+def test_a_layer_the_probe_cannot_read_is_left_out_with_one_notice_and_training_goes_on():
+    torch.manual_seed(0)
+
+    class OutputOnly(nn.LSTM):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    class UsesOutputOnly(PLSequenceModel):
+        def forward(self, x):
+            return self.head(self.rnn(x)[:, -1])
+
+    health = GradHealth(log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3))
+        trainer.fit(UsesOutputOnly(build=lambda: OutputOnly(3, 8, batch_first=True)))
+    assert trainer.global_step == 3
+    notices = [str(w.message) for w in caught if "cannot measure dL/dh_t of 'rnn'" in str(w.message)]
+    assert len(notices) == 1 and "built-in layer's" in notices[0]
+    assert "rnn.l0" not in health.timestep_grad_norms
