@@ -91,7 +91,7 @@ def test_two_layer_bidirectional_matches_the_unrolled_reference(name, through):
 @pytest.mark.parametrize("name", LAYERS)
 def test_packed_sequences_with_varying_lengths_use_each_sequences_own_steps(name):
     norms = _check(name, packed=True)
-    assert norms[f"enc.l0"][-1] > 0  # the longest sequence reaches the last step
+    assert norms["enc.l0"][-1] > 0  # the longest sequence reaches the last step
 
 
 @pytest.mark.parametrize("name", LAYERS)

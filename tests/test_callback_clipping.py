@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
+import csv
 import warnings
 
 import pytest
@@ -58,8 +58,6 @@ def test_logged_norms_tell_the_truth_before_and_after_clipping(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     pytorch_lightning.Trainer(callbacks=[before, health], **trainer_kwargs(max_steps=3, logger=logger)).fit(PLSequenceModel())
     logger.save()
-    import csv
-
     rows = [row for row in csv.DictReader(open(logger.experiment.metrics_file_path)) if row.get("gradhealth/grad_norm/total")]
     assert [int(row["step"]) for row in rows] == [0, 1, 2]
     for row, grads in zip(rows, before.grads):
@@ -107,8 +105,6 @@ def test_trainer_clipping_alone_is_left_to_the_trainer_and_logged_before_it_clip
     logger.save()
     # GradHealth does not clip: the gradients it hands on are the ones it received
     assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
-    import csv
-
     rows = [r for r in csv.DictReader(open(logger.experiment.metrics_file_path)) if r.get("gradhealth/grad_norm/total")]
     true_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in before.grads[0].values()])).item()
     assert float(rows[0]["gradhealth/grad_norm/total"]) == pytest.approx(true_norm, rel=1e-5)

@@ -100,7 +100,7 @@ def test_scalars_and_pictures_reach_the_tensorboard_event_file(tmp_path):
     for name in ("transmission", "horizon", "rate_per_step", "dh_norm_first", "dh_norm_last"):
         assert f"gradhealth/rnn.l0/{name}" in tags["scalars"]
         assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{name}")] == [0, 2, 4]
-    assert f"gradhealth/rnn.l0.cell/transmission" in tags["scalars"]
+    assert "gradhealth/rnn.l0.cell/transmission" in tags["scalars"]
     last = events.Scalars("gradhealth/rnn.l0/dh_norm_last")[-1].value
     assert last == pytest.approx(health.timestep_grad_norms["rnn.l0"][-1].item(), rel=1e-6)
     for picture in ("timestep_grad_norms", "timestep_heatmap"):
