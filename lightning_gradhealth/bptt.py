@@ -82,11 +82,37 @@ class TimestepGrads:
         state: ``(T, B, H_out)``: dL/dh_t, the layer's output state (projected for ``proj_size``).
         cell: ``(T, B, H)``: dL/dc_t for an LSTM, else ``None``.
         input: ``(T, B, I)``: dL/dx_t, the gradient this layer sends to its input.
+        saturation: 0-d tensor, the fraction of the layer's tanh candidate units (RNN ``h_t``,
+            LSTM ``g_t``, GRU ``n_t``) over valid steps, batch and units with
+            ``|tanh| > SATURATED_TANH``, where ``tanh' < 0.02`` blocks the gradient; ``None``
+            for ReLU.
     """
 
     state: Tensor
     cell: Optional[Tensor]
     input: Tensor
+    saturation: Optional[Tensor] = None
+
+
+SATURATED_TANH = 0.99
+
+
+def saturated_fraction(candidates: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """Fraction of ``(T, B, H)`` tanh outputs with ``|value| > SATURATED_TANH``, over the valid
+    steps of each sequence (``lengths``; all steps when ``None``).
+
+    Examples:
+        >>> candidates = torch.tensor([[[0.999, 0.2]], [[-0.995, 0.999]]])   # (T=2, B=1, H=2)
+        >>> saturated_fraction(candidates)
+        tensor(0.7500)
+        >>> saturated_fraction(candidates, lengths=torch.tensor([1]))      # only t = 0 is valid
+        tensor(0.5000)
+    """
+    saturated = candidates.abs() > SATURATED_TANH
+    if lengths is None:
+        return saturated.float().mean()
+    valid = torch.arange(candidates.shape[0], device=candidates.device)[:, None] < lengths.to(candidates.device)[None, :]
+    return (saturated & valid[..., None]).sum() / (valid.sum() * candidates.shape[-1]).clamp(min=1)
 
 
 def timestep_norms(grads: Tensor) -> Tensor:
@@ -207,7 +233,8 @@ def backward_through_time(
         for t in reversed(range(steps)):
             grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
             carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
-        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
+        saturation = saturated_fraction(states, lengths) if cell_type == "rnn_tanh" else None
+        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation)
 
     if cell_type == "gru":
         input_r, input_z, input_n = input_part.chunk(3, dim=-1)
@@ -226,7 +253,7 @@ def backward_through_time(
             torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
             carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
         pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
-        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih)
+        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturated_fraction(candidate, lengths))
 
     if cell_type != "lstm":
         raise ValueError(f"unknown cell type {cell_type!r}; expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'")
@@ -272,7 +299,7 @@ def backward_through_time(
         carry_cell = grad_c * gate_forget[t]
         if final_cell_part is not None and t > 0:
             carry_cell = carry_cell + final_cell_part[t - 1]
-    return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih)
+    return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih, saturated_fraction(gate_cell, lengths))
 
 
 @dataclass
@@ -488,7 +515,7 @@ def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: 
                 lengths,
             )
             results[suffix[1:]] = TimestepGrads(
-                order(grads.state), None if grads.cell is None else order(grads.cell), order(grads.input)
+                order(grads.state), None if grads.cell is None else order(grads.cell), order(grads.input), grads.saturation
             )
             below += results[suffix[1:]].input
         direct = below
@@ -542,6 +569,7 @@ class TimestepProbe:
         self.repeated_calls: set[str] = set()
         self.dropout_calls: set[str] = set()
         self.failures: dict[str, str] = {}
+        self.saturation: dict[str, float] = {}
         self._fused_captures: dict[str, list[FusedCapture]] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
         self._handles: list[RemovableHandle] = []
@@ -635,8 +663,11 @@ class TimestepProbe:
         Returns:
             ``{key: (T,) float tensor on the CPU}``: keys as in the public contract, e.g.
             ``"encoder.rnn.l1_reverse"`` and, for LSTM cell states, ``"encoder.rnn.l1_reverse.cell"``.
+            The fused layers' saturated fractions (:func:`saturated_fraction`) of the same pass
+            go to :attr:`saturation`, under the same keys.
         """
         norms: dict[str, Tensor] = {}
+        saturation: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
                 for name, captures in self._fused_captures.items():
@@ -649,6 +680,8 @@ class TimestepProbe:
                     for layer_key, grads in layer_grads.items():
                         key = f"{name}.{layer_key}" if name else layer_key
                         norms[key] = timestep_norms(grads.state)
+                        if grads.saturation is not None:
+                            saturation[key] = grads.saturation
                         if grads.cell is not None:
                             norms[key + ".cell"] = timestep_norms(grads.cell)
                 for name, calls in self._cell_calls.items():
@@ -657,6 +690,7 @@ class TimestepProbe:
                         norms[name + ".cell"] = _call_norms(calls.cell_grads) / grad_scale
         finally:
             self.release()
+        self.saturation = {key: float(value) for key, value in saturation.items()}
         return {key: value.float().cpu() for key, value in norms.items()}
 
 

@@ -35,7 +35,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["TimestepSummary", "diagnose_timesteps", "summarize_timesteps"]
+__all__ = [
+    "SATURATING_ABOVE",
+    "VERDICTS",
+    "HealthReport",
+    "LayerHealth",
+    "SpectrumSummary",
+    "TimestepSummary",
+    "diagnose_timesteps",
+    "layer_verdict",
+    "summarize_timesteps",
+]
 
 
 @dataclass(frozen=True)
@@ -104,3 +114,171 @@ def diagnose_timesteps(
     if summary.transmission > math.log10(explode_above):
         return "exploding"
     return None
+
+
+VERDICTS = ("healthy", "vanishing", "exploding", "saturating", "unmeasured")
+
+SATURATING_ABOVE = 0.5
+"""A layer is ``"saturating"`` when more than this fraction of its tanh candidate units sit at
+``|tanh| > 0.99`` (see :func:`lightning_gradhealth.bptt.saturated_fraction`)."""
+
+
+@dataclass(frozen=True)
+class SpectrumSummary:
+    """The spectrum of one hidden-to-hidden matrix at one step, reduced over its gate blocks.
+
+    Attributes:
+        step: the optimizer step the weights are from.
+        spectral_radius: the largest :math:`|\\lambda|` of any gate block (NaN for non-square blocks).
+        sigma_min: the smallest singular value of any gate block.
+        sigma_max: the largest singular value of any gate block.
+    """
+
+    step: int
+    spectral_radius: float
+    sigma_min: float
+    sigma_max: float
+
+
+@dataclass(frozen=True)
+class LayerHealth:
+    """One row of the end-of-fit report: a recurrent layer (one direction) and its verdict.
+
+    Attributes:
+        layer: the layer key, e.g. ``"encoder.rnn.l1_reverse"``.
+        init: what init wrote to its hidden-to-hidden matrix (``None``: left as it was).
+        spectrum_start: its spectrum at the first full pass of the run (right after init).
+        spectrum_end: its spectrum at the end of fit.
+        timesteps: the latest summary of ||dL/dh_t|| (``None``: never measured).
+        saturation: the latest fraction of saturated tanh candidate units (``None``: not
+            measured, e.g. a cell loop or a ReLU RNN).
+        verdict: one of :data:`VERDICTS`.
+        reason: the verdict's evidence, in numbers.
+    """
+
+    layer: str
+    init: Optional[str]
+    spectrum_start: Optional[SpectrumSummary]
+    spectrum_end: Optional[SpectrumSummary]
+    timesteps: Optional[TimestepSummary]
+    saturation: Optional[float]
+    verdict: str
+    reason: str
+
+
+def layer_verdict(
+    summary: Optional[TimestepSummary],
+    saturation: Optional[float] = None,
+    vanish_below: float = 1e-3,
+    explode_above: float = 1e3,
+    saturating_above: float = SATURATING_ABOVE,
+) -> tuple[str, str]:
+    """The verdict on one layer and its reason in numbers: ``(verdict, reason)``.
+
+    In order: NaN/Inf gradients through time are ``"exploding"``; then
+    :func:`diagnose_timesteps`' ``"exploding"`` or ``"vanishing"``; then ``"saturating"`` when
+    more than ``saturating_above`` of the tanh candidate units are saturated; else ``"healthy"``.
+
+    Examples:
+        >>> layer_verdict(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])))
+        ('vanishing', '||dL/dh|| falls 10^-5.0 over 3 steps back (x0.0032 per step); horizon 2 of 3 steps')
+        >>> layer_verdict(summarize_timesteps(torch.tensor([0.5, 1.0])), saturation=0.8)[0]
+        'saturating'
+    """
+    if summary is None:
+        return "unmeasured", "no gradient through time measured (timesteps=False, or no training step reached it)"
+    saturated = "" if saturation is None else f"; {saturation:.0%} of tanh units saturated"
+    condition = diagnose_timesteps(summary, vanish_below, explode_above)
+    if condition == "nonfinite":
+        return "exploding", f"||dL/dh_t|| is NaN/Inf over its {summary.steps} steps"
+    trend = f"over {summary.steps} steps back (x{summary.rate_per_step:.2g} per step)"
+    if condition == "exploding":
+        return "exploding", f"||dL/dh|| grows 10^{summary.transmission:+.1f} {trend}{saturated}"
+    if condition == "vanishing":
+        return "vanishing", (
+            f"||dL/dh|| falls 10^{summary.transmission:+.1f} {trend}; "
+            f"horizon {summary.horizon} of {summary.steps} steps{saturated}"
+        )
+    if saturation is not None and saturation > saturating_above:
+        return "saturating", f"{saturation:.0%} of tanh candidate units at |tanh| > 0.99, where the gradient through them is < 0.02x"
+    return "healthy", f"transmission 10^{summary.transmission:+.1f} {trend}, horizon {summary.horizon} of {summary.steps}{saturated}"
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """The end-of-fit health report: one :class:`LayerHealth` per recurrent layer and direction,
+    and the run's gradient statistics.
+
+    Attributes:
+        step: the optimizer step at the end of fit.
+        layers: the per-layer rows.
+        clipped_fraction: the fraction of optimizer steps clipped (``None`` without ``clip``).
+        nonfinite_steps: optimizer steps whose gradients held NaN/Inf.
+        skipped_steps: those of them skipped (``on_nonfinite="skip"``).
+        suggested_clip_val: a ``clip_val`` for ``clip="norm"`` from the norms seen, or ``None``.
+    """
+
+    step: int
+    layers: tuple[LayerHealth, ...]
+    clipped_fraction: Optional[float]
+    nonfinite_steps: int
+    skipped_steps: int
+    suggested_clip_val: Optional[float]
+
+    @property
+    def healthy(self) -> bool:
+        """Whether every measured layer is healthy and no step had NaN/Inf gradients."""
+        return self.nonfinite_steps == 0 and all(layer.verdict in ("healthy", "unmeasured") for layer in self.layers)
+
+    def rows(self) -> list[dict[str, str]]:
+        """The table's cells, one dict per layer (column name -> text)."""
+        return [
+            {
+                "layer": layer.layer,
+                "init": layer.init or "-",
+                "radius start>end": f"{_radius(layer.spectrum_start)} > {_radius(layer.spectrum_end)}",
+                "sigma start": _sigma_range(layer.spectrum_start),
+                "sigma end": _sigma_range(layer.spectrum_end),
+                "transmission": "-" if layer.timesteps is None else f"{layer.timesteps.transmission:+.2f}",
+                "horizon": "-" if layer.timesteps is None else f"{layer.timesteps.horizon}/{layer.timesteps.steps}",
+                "verdict": layer.verdict,
+            }
+            for layer in self.layers
+        ]
+
+    def _footer(self) -> list[str]:
+        clipped = "off" if self.clipped_fraction is None else f"{self.clipped_fraction:.1%} of steps"
+        suggestion = "" if self.suggested_clip_val is None else f"; suggested clip_val {self.suggested_clip_val:.3g}"
+        nonfinite = f"{self.nonfinite_steps} steps" + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
+        return [f"clipping: {clipped}{suggestion}; non-finite gradients: {nonfinite}"]
+
+    def format(self) -> str:
+        """The report as a plain-text table with each verdict's reason below it."""
+        rows = self.rows()
+        lines = [f"GradHealth health report at step {self.step}: {'healthy' if self.healthy else 'needs attention'}"]
+        if rows:
+            widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
+            lines.append("  ".join(column.ljust(width) for column, width in widths.items()))
+            lines.extend("  ".join(row[column].ljust(width) for column, width in widths.items()) for row in rows)
+            lines.extend(f"  {layer.layer}: {layer.verdict}: {layer.reason}" for layer in self.layers)
+        else:
+            lines.append("no recurrent layer found")
+        return "\n".join(lines + self._footer())
+
+    def markdown(self) -> str:
+        """The report as Markdown, for TensorBoard's text dashboard."""
+        rows = self.rows()
+        lines = [f"**GradHealth health report at step {self.step}: {'healthy' if self.healthy else 'needs attention'}**", ""]
+        if rows:
+            lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+            lines += [""] + [f"- `{layer.layer}`: **{layer.verdict}**: {layer.reason}" for layer in self.layers]
+        return "\n".join(lines + [""] + self._footer())
+
+
+def _radius(spectrum: Optional[SpectrumSummary]) -> str:
+    return "-" if spectrum is None else f"{spectrum.spectral_radius:.3g}"
+
+
+def _sigma_range(spectrum: Optional[SpectrumSummary]) -> str:
+    return "-" if spectrum is None else f"{spectrum.sigma_min:.3g}..{spectrum.sigma_max:.3g}"

@@ -139,7 +139,7 @@ def test_no_probe_during_validation_and_hooks_are_gone_after_fit():
         armed: list[bool] = []
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            self.armed.append(health._probe.armed)
+            self.armed.append(health.monitor._probe.armed)
 
     watcher = ProbeStateInValidation()
     trainer = pytorch_lightning.Trainer(
