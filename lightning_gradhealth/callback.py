@@ -369,11 +369,7 @@ class GradHealth(CallbackBase):
         self.init_report = apply_init_(pl_module, self.init_config, torch.Generator().manual_seed(seed))
         self.init_seed, self.init_applied = seed, True
         self._initialized_model = weakref.ref(pl_module)
-        self.monitor.init_schemes = {
-            record.layer_key: record.scheme
-            for record in self.init_report
-            if record.role == "recurrent" and not record.parameter.rsplit(".", 1)[-1].startswith("weight_hr")
-        }
+        self.monitor.record_init(self.init_report)
         layers = len({record.layer_key for record in self.init_report})
         rank_zero_info(
             f"GradHealth: initialized {len(self.init_report)} parameters of {layers} layers "

@@ -17,10 +17,11 @@ the outputs to the Trainer's loggers.
 Example::
 
     from torch.utils.tensorboard import SummaryWriter
-    from lightning_gradhealth import GradHealthMonitor, write_step_output
+    from lightning_gradhealth import GradHealthMonitor, initialize_, write_step_output
 
     monitor = GradHealthMonitor(log_every_n_steps=50, clip="norm", clip_val=1.0)
     monitor.attach(model)
+    monitor.record_init(initialize_(model, "orthogonal"))   # optional: init, noted in the report
     writer = SummaryWriter("runs/plain")
     for step, (x, y) in enumerate(loader):
         monitor.start_step(step)
@@ -68,6 +69,7 @@ from lightning_gradhealth.health import (
     layer_verdict,
     summarize_timesteps,
 )
+from lightning_gradhealth.initialize import InitRecord
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights, parametrized_weights
 from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, eigenvalue_image, full_spectrum
 
@@ -127,7 +129,7 @@ class GradHealthMonitor:
     The arguments have the meaning they have in :class:`~lightning_gradhealth.GradHealth`; its
     attributes of the same names (``timestep_grad_norms``, ``spectra``, ...) are this object's.
     ``init_schemes`` (layer key -> what init wrote to its hidden-to-hidden matrix) is filled by
-    whoever initialized the model, for the report.
+    :meth:`record_init`, for the report.
     ``warn`` receives every notice (default :func:`warnings.warn`; the callback passes Lightning's
     rank-zero warning). Measurements never stop training: what cannot be measured is named once.
 
@@ -252,6 +254,14 @@ class GradHealthMonitor:
             self._probe.detach()
             self._probe = None
         self._armed_step = None
+
+    def record_init(self, init_report: Sequence[InitRecord]) -> None:
+        """Note what :func:`~lightning_gradhealth.initialize_` wrote, for the report's ``init`` column."""
+        self.init_schemes = {
+            record.layer_key: record.scheme
+            for record in init_report
+            if record.role == "recurrent" and not record.parameter.rpartition(".")[2].startswith("weight_hr")
+        }
 
     @property
     def layer_keys(self) -> list[str]:
