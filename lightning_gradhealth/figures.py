@@ -32,7 +32,8 @@ def timestep_curve_image(norms: Mapping[str, Tensor], title: str, step: int) -> 
     axes = figure.add_subplot()
     for label, values in norms.items():
         data = values.detach().double().cpu().numpy()
-        axes.plot(np.arange(len(data)), np.where(data > 0, data, np.nan), label=label, linestyle="--" if label.endswith(".cell") else "-")
+        linestyle = "--" if label.endswith(".cell") else "-"
+        axes.plot(np.arange(len(data)), np.where(data > 0, data, np.nan), label=label, linestyle=linestyle)
     axes.set_yscale("log")
     axes.set_xlabel("timestep t (input position)")
     axes.set_ylabel("||dL/dh_t||")

@@ -200,8 +200,12 @@ def layer_verdict(
             f"horizon {summary.horizon} of {summary.steps} steps{saturated}"
         )
     if saturation is not None and saturation > saturating_above:
-        return "saturating", f"{saturation:.0%} of tanh candidate units at |tanh| > 0.99, where the gradient through them is < 0.02x"
-    return "healthy", f"transmission 10^{summary.transmission:+.1f} {trend}, horizon {summary.horizon} of {summary.steps}{saturated}"
+        return "saturating", (
+            f"{saturation:.0%} of tanh candidate units at |tanh| > 0.99, where the gradient through them is < 0.02x"
+        )
+    return "healthy", (
+        f"transmission 10^{summary.transmission:+.1f} {trend}, horizon {summary.horizon} of {summary.steps}{saturated}"
+    )
 
 
 @dataclass(frozen=True)

@@ -329,7 +329,8 @@ class GradHealthMonitor:
             self._logged_step = step
         full = logging_step and step % self.full_every_n_steps == 0
         if self._probe is not None and self._probe.has_captures:
-            self._record_timesteps(output, self._probe.compute(grad_scale=grad_scale), step, pictures and step % self.full_every_n_steps == 0)
+            norms = self._probe.compute(grad_scale=grad_scale)
+            self._record_timesteps(output, norms, step, pictures and step % self.full_every_n_steps == 0)
         if self._probe is not None and logging_step:
             self._probe_notices()
         if logging_step:
@@ -510,7 +511,8 @@ class GradHealthMonitor:
                         if spectrum.eigenvalues is not None:
                             output.histograms[f"{prefix}/{gate}/eigenvalue_moduli"] = spectrum.eigenvalues[index].abs()
                     if spectrum.eigenvalues is not None:
-                        output.images[f"{prefix}/eigenvalues"] = eigenvalue_image(spectrum.eigenvalues, record.gates, record.layer_key)
+                        picture = eigenvalue_image(spectrum.eigenvalues, record.gates, record.layer_key)
+                        output.images[f"{prefix}/eigenvalues"] = picture
             else:
                 tracker = self._sigma_trackers.setdefault(record.full_name, SigmaMaxTracker())
                 sigma_max = tracker(record.parameter, gates)
@@ -533,7 +535,8 @@ class GradHealthMonitor:
         assert self._probe is not None
         notices = {
             **{
-                ("repeated", name): f"{name!r} runs several times per training step; the first call that the loss reaches is measured."
+                ("repeated", name): f"{name!r} runs several times per training step; "
+                "the first call that the loss reaches is measured."
                 for name in self._probe.repeated_calls
             },
             **{

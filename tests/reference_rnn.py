@@ -45,7 +45,10 @@ def unrolled(module: nn.Module, cell_type: str, x: Tensor, h0: Tensor, c0: Optio
     """
     steps, batch = x.shape[:2]
     directions = 2 if getattr(module, "bidirectional", False) else 1
-    valid = torch.ones(steps, batch, 1, dtype=torch.bool) if lengths is None else (torch.arange(steps)[:, None] < lengths[None])[..., None]
+    if lengths is None:
+        valid = torch.ones(steps, batch, 1, dtype=torch.bool)
+    else:
+        valid = (torch.arange(steps)[:, None] < lengths[None])[..., None]
     states, cells, finals_h, finals_c = {}, {}, [], []
     layer_input = x
     for layer in range(getattr(module, "num_layers", 1)):

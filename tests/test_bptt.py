@@ -70,7 +70,7 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
     norms = probe.compute()
     probe.detach()
 
-    expected_keys = {f"enc.l{l}" + s for l in range(num_layers) for s in (["", "_reverse"] if bidirectional else [""])}
+    expected_keys = {f"enc.l{layer}" + s for layer in range(num_layers) for s in (["", "_reverse"] if bidirectional else [""])}
     if c0 is not None:
         expected_keys |= {key + ".cell" for key in expected_keys}
     assert set(norms) == expected_keys

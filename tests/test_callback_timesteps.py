@@ -82,7 +82,8 @@ def test_16_mixed_norms_are_unscaled(build):
         torch.manual_seed(0)
         health = GradHealth()
         precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
-        trainer = pytorch_lightning.Trainer(callbacks=[health], plugins=[precision], **trainer_kwargs(max_steps=1, log_every_n_steps=1))
+        kwargs = trainer_kwargs(max_steps=1, log_every_n_steps=1)
+        trainer = pytorch_lightning.Trainer(callbacks=[health], plugins=[precision], **kwargs)
         trainer.fit(PLSequenceModel(build=build))
         results.append(health.timestep_grad_norms["rnn.l0"])
     torch.testing.assert_close(results[0], results[1], rtol=1e-3, atol=0)
@@ -216,7 +217,8 @@ def test_a_skipped_batch_on_a_sampled_step_does_not_leave_stale_captures():
         def training_step(self, batch, batch_idx):
             return None if batch_idx == 0 else super().training_step(batch, batch_idx)
 
-    model, recorder, health = SkipFirstBatch(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth(log_every_n_steps=1)
+    model, recorder = SkipFirstBatch(build=_stacked_lstm, output_width=8), RecordBatches()
+    health = GradHealth(log_every_n_steps=1)
     pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=2)).fit(model)
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == [1]  # batch 0 had no backward pass
     batch, model_before = recorder.seen[1]

@@ -48,7 +48,8 @@ def test_a_yaml_configured_gradhealth_runs_in_lightning_cli(tmp_path, namespace,
     script, config = tmp_path / "train.py", tmp_path / "config.yaml"
     script.write_text(SCRIPT.format(tests=str(TESTS), model=model, namespace=namespace))
     config.write_text(CONFIG)
-    run = subprocess.run([sys.executable, str(script), "fit", "--config", str(config)], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(script), "fit", "--config", str(config)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "GradHealth: initialized 4 parameters of 1 layers" in run.stderr + run.stdout
 

@@ -125,7 +125,8 @@ def test_report_of_a_real_fit_matches_numpy_torch_clipping_and_is_printed_and_wr
     assert layer.layer == "rnn.l0" and layer.init == "orthogonal"
     # step 0 is right after orthogonal init: every singular value and eigenvalue modulus is 1
     assert layer.spectrum_start.step == 0
-    assert layer.spectrum_start.sigma_min == pytest.approx(1, abs=1e-6) and layer.spectrum_start.sigma_max == pytest.approx(1, abs=1e-6)
+    assert layer.spectrum_start.sigma_min == pytest.approx(1, abs=1e-6)
+    assert layer.spectrum_start.sigma_max == pytest.approx(1, abs=1e-6)
     assert layer.spectrum_start.spectral_radius == pytest.approx(1, abs=1e-6)
     final = model.rnn.weight_hh_l0.detach().double().numpy()
     singular_values = np.linalg.svd(final, compute_uv=False)
