@@ -424,6 +424,13 @@ class GradHealth(CallbackBase):
         self.monitor.detach()
         self._writers = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the reference to the initialized model and the TensorBoard writers,
+        which belong to this process's run."""
+        state = self.__dict__.copy()
+        state["_initialized_model"], state["_writers"] = None, []
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on where this one stopped: whether init was applied
         (and its seed) and the monitor's state (heatmap rows, counters, clip statistics,
