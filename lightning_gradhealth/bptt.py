@@ -33,6 +33,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -438,7 +439,9 @@ def _layer_forward(
     )
     hx = states if cells is None else (states, cells)
     sequence: Any = inputs if lengths is None else pack_padded_sequence(inputs, lengths, enforce_sorted=False)
-    output, _ = functional_call(one_layer, _layer_parameters(module, layer), (sequence, hx))
+    # in the probe's dtype (float32 for bf16/fp16 weights, as under precision="bf16-true"), like its inputs
+    parameters = {name: weight.to(inputs.dtype) for name, weight in _layer_parameters(module, layer).items()}
+    output, _ = functional_call(one_layer, parameters, (sequence, hx))
     return output if lengths is None else pad_packed_sequence(output, total_length=inputs.shape[0])[0]
 
 
@@ -522,6 +525,46 @@ def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: 
     return results
 
 
+class _InertHook:
+    """What a copy of a watched module holds in place of the probe's forward hook: nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+class _ProbeHook:
+    """The probe's forward hook on one module, as an object rather than a closure, so that a copy
+    of the module never carries the probe along.
+
+    A deep copy of the module made while the probe is attached (an EMA model or a teacher copied
+    during fit) gets an :class:`_InertHook` under the same hook id, whose handle joins the
+    probe's, so :meth:`TimestepProbe.detach` removes it too; the copy's calls feed nothing. A
+    pickled module stores the inert stand-in (a closure does not pickle).
+    """
+
+    def __init__(self, hook: Callable[..., None], handles: list[RemovableHandle]) -> None:
+        self.hook, self.handles = hook, handles
+        self.handle: Optional[RemovableHandle] = None
+
+    def __call__(self, *args: Any) -> None:
+        return self.hook(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _InertHook:
+        handle = self.handle
+        hooks = handle.hooks_dict_ref() if handle is not None else None
+        copied_hooks = memo.get(id(hooks)) if hooks is not None else None  # the copy being filled right now
+        if handle is not None and copied_hooks is not None:
+            extras = [ref() for ref in handle.extra_dict_ref]
+            copied_extras = [copy.deepcopy(extra, memo) for extra in extras if extra is not None]  # memoized: reused
+            copy_handle = RemovableHandle(copied_hooks, extra_dict=copied_extras)
+            copy_handle.id = handle.id
+            self.handles.append(copy_handle)
+        return _InertHook()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_InertHook, ())
+
+
 @dataclass
 class _CellCalls:
     """Gradients of one cell module's outputs over one step: entry t is the t-th call (``None``
@@ -579,9 +622,14 @@ class TimestepProbe:
         if self._handles:
             return
         for name, module in self.fused.items():
-            self._handles.append(module.register_forward_hook(self._fused_hook(name), with_kwargs=True))
+            self._register(module, self._fused_hook(name), with_kwargs=True)
         for name, module in self.cells.items():
-            self._handles.append(module.register_forward_hook(self._cell_hook(name)))
+            self._register(module, self._cell_hook(name))
+
+    def _register(self, module: nn.Module, hook: Callable[..., None], **kwargs: Any) -> None:
+        probe_hook = _ProbeHook(hook, self._handles)
+        probe_hook.handle = module.register_forward_hook(probe_hook, **kwargs)
+        self._handles.append(probe_hook.handle)
 
     def detach(self) -> None:
         """Remove every hook and release what was captured: the model is as it was."""

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Literal, Optional
+from contextlib import nullcontext
+from typing import Any, ContextManager, Literal, Optional
 
 import numpy as np
 import torch
@@ -58,6 +59,36 @@ def _loss_scale(trainer: Any) -> float:
     """The AMP loss scale of the current backward pass (1.0 without a GradScaler)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _fsdp_root(trainer: Any) -> Optional[torch.nn.Module]:
+    """The ``FullyShardedDataParallel`` root of an FSDP run, else ``None``. Outside forward and
+    backward its parameters (``use_orig_params=True``, Lightning's default) are flat 1-D views
+    of this process's shard, and so are their gradients."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch build without distributed support
+        return None
+    model = getattr(trainer.strategy, "model", None)
+    return model if isinstance(model, FullyShardedDataParallel) else None
+
+
+def _full_parameters(root: Optional[torch.nn.Module], writeback: bool = False) -> ContextManager[Any]:
+    """Every parameter whole on every process for the duration (FSDP; a collective, so every
+    process enters it at the same point); nothing without FSDP."""
+    if root is None:
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(root, writeback=writeback)
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """In-place sum or max of ``tensor`` over all processes."""
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
 
 
 class GradHealth(CallbackBase):
@@ -318,11 +349,22 @@ class GradHealth(CallbackBase):
                 "the other. Remove one: Trainer(gradient_clip_val=None), or GradHealth(clip=None) to keep "
                 "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
             )
+        fsdp_root = _fsdp_root(trainer)
+        if fsdp_root is not None and self.clip == "agc":
+            raise ValueError(
+                "GradHealth(clip='agc') rescales each unit (row) of every weight by its own norm, but under FSDP each "
+                "process holds flat 1-D shards of the weights and their gradients. Use clip='norm' or clip='value'."
+            )
         self.monitor.set_schedule(self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1), self.full_every_n_steps)
         step = _optimizer_steps(trainer)
-        # on resume the loop's step counter is restored only after on_fit_start: keep the history
-        self.monitor.attach(pl_module, None if trainer.ckpt_path is not None else step)
-        self._initialize(trainer, pl_module)
+        # under FSDP, find the layers and initialize on whole parameters; every rank writes the same values
+        with _full_parameters(fsdp_root, writeback=True):
+            # on resume the loop's step counter is restored only after on_fit_start: keep the history
+            self.monitor.attach(pl_module, None if trainer.ckpt_path is not None else step)
+            self._initialize(trainer, pl_module)
+        if fsdp_root is not None:
+            self.monitor.full_parameters = lambda: _full_parameters(fsdp_root)
+            self.monitor.all_reduce = _all_reduce
         self._writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
         if trainer.is_global_zero and not self._writers and not self._noticed_no_writer:
             self._noticed_no_writer = True
@@ -416,12 +458,15 @@ class GradHealth(CallbackBase):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Remove every hook: after fit the model runs at full speed and pickles."""
-        self.monitor.detach()
-        self._writers = []
+        self._release()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Remove every hook, so a failed run leaves the model as it was."""
+        self._release()
+
+    def _release(self) -> None:
         self.monitor.detach()
+        self.monitor.full_parameters, self.monitor.all_reduce = nullcontext, None
         self._writers = []
 
     def __getstate__(self) -> dict[str, Any]:

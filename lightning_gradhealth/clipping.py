@@ -37,7 +37,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -318,7 +318,12 @@ def _norm_ratio(norm_after: Tensor, norm_before: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grads_by_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> ClipStats:
+def clip_grads_by_norm_(
+    parameters: Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    reduce_norm: Optional[Callable[[Tensor], Tensor]] = None,
+) -> ClipStats:
     r"""Rescale all gradients together so that their total norm is at most ``max_norm``.
 
     Pascanu, Mikolov & Bengio (2013), "On the difficulty of training recurrent neural networks":
@@ -332,6 +337,9 @@ def clip_grads_by_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type
         parameters: parameters whose ``.grad`` is clipped in place (``None`` grads are skipped).
         max_norm: the threshold :math:`c`.
         norm_type: the p of the p-norm, ``math.inf`` for the max-norm.
+        reduce_norm: turns this process's total norm into the norm over every process holding
+            a shard of the gradients (FSDP); it is called on every process, also one without
+            gradients (its local norm is then 0).
 
     Examples:
         >>> p = torch.zeros(2, requires_grad=True)
@@ -342,13 +350,19 @@ def clip_grads_by_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type
     """
     parameters = list(parameters)
     with_grads = _with_grads(parameters)
-    if not with_grads:
+    if not with_grads and reduce_norm is None:
         return _stats_without_grads(parameters)
     grads = [p.grad for p in with_grads]
-    norm_before = _total_norm(grads, norm_type)
+    if grads:
+        norm_before = _total_norm(grads, norm_type)
+    else:
+        norm_before = torch.zeros((), device=parameters[0].device if parameters else None)
+    if reduce_norm is not None:
+        norm_before = reduce_norm(norm_before)
     coefficient = torch.clamp(max_norm / (norm_before + _NORM_EPS), max=1.0)
     coefficient = torch.where(torch.isfinite(norm_before), coefficient, 1.0)
-    _foreach_mul_by_device_and_dtype_(grads, [coefficient] * len(grads))
+    if grads:
+        _foreach_mul_by_device_and_dtype_(grads, [coefficient] * len(grads))
     clipped = coefficient < 1.0
     return ClipStats(norm_before, norm_before * coefficient, coefficient, clipped.to(norm_before.dtype), clipped)
 
@@ -481,9 +495,11 @@ def clip_grads_(
     clip_val: float,
     norm_type: float = 2.0,
     eps: float = 1e-3,
+    reduce_norm: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> ClipStats:
     """Clip in place with the mode named ``clip`` (one of :data:`CLIP_MODES`); ``clip_val`` is
-    the max norm, the max absolute value, or AGC's lambda. ``eps`` is used by AGC only.
+    the max norm, the max absolute value, or AGC's lambda. ``eps`` is used by AGC only;
+    ``reduce_norm`` by ``"norm"`` only (see :func:`clip_grads_by_norm_`).
 
     Validate the arguments once with :func:`validate_clip_args`; this dispatcher assumes them valid.
 
@@ -494,7 +510,7 @@ def clip_grads_(
         tensor(2.8284)
     """
     if clip == "norm":
-        return clip_grads_by_norm_(parameters, clip_val, norm_type)
+        return clip_grads_by_norm_(parameters, clip_val, norm_type, reduce_norm)
     if clip == "value":
         return clip_grads_by_value_(parameters, clip_val, norm_type)
     if clip == "agc":

@@ -41,8 +41,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,6 +134,14 @@ class GradHealthMonitor:
     ``warn`` receives every notice (default :func:`warnings.warn`; the callback passes Lightning's
     rank-zero warning). Measurements never stop training: what cannot be measured is named once.
 
+    Sharded parameters (FSDP, where each process holds a flat 1-D piece of every parameter
+    outside forward and backward) need two more attributes, which the callback sets:
+    ``full_parameters``, a context manager factory under which every parameter is whole (the
+    probe and the spectra run inside it on logging steps, on every process at once), and
+    ``all_reduce(tensor, op)`` with ``op`` ``"sum"`` or ``"max"`` over all processes (gradient
+    norms, the clipping norm and the NaN/Inf decision then cover the whole model, and every
+    process takes the same decision).
+
     Raises:
         ValueError: at construction, for an invalid interval, threshold, clip setting or policy.
     """
@@ -198,6 +207,8 @@ class GradHealthMonitor:
         self._window_clipped: Any = 0.0
         self._window_steps = 0
         self._clipped_total: Any = 0
+        self.full_parameters: Callable[[], ContextManager[Any]] = nullcontext
+        self.all_reduce: Optional[Callable[[Tensor, str], Tensor]] = None
 
     def set_schedule(self, log_every_n_steps: int, full_every_n_steps: Optional[int] = None) -> None:
         """Measure every ``log_every_n_steps`` steps; full passes every ``full_every_n_steps``
@@ -240,8 +251,8 @@ class GradHealthMonitor:
         self._param_names = {id(param): name for name, param in model.named_parameters()}
         self._logged_step = self._armed_step = None
         self._pending_nonfinite.clear()
-        self._window_clipped, self._window_steps = 0.0, 0
-        if start_step is not None:
+        if start_step is not None:  # a resumed run keeps the clip window its checkpoint holds
+            self._window_clipped, self._window_steps = 0.0, 0
             self.spectra_start = {}
             for key in list(self.timestep_history):
                 self.timestep_history[key] = [(s, norms) for s, norms in self.timestep_history[key] if s < start_step]
@@ -328,13 +339,14 @@ class GradHealthMonitor:
         if logging_step:
             self._logged_step = step
         full = logging_step and step % self.full_every_n_steps == 0
-        if self._probe is not None and self._probe.has_captures:
-            norms = self._probe.compute(grad_scale=grad_scale)
-            self._record_timesteps(output, norms, step, pictures and step % self.full_every_n_steps == 0)
-        if self._probe is not None and logging_step:
-            self._probe_notices()
-        if logging_step:
-            self._record_spectra(output, step, full, pictures)
+        with self.full_parameters() if logging_step else nullcontext():
+            if self._probe is not None and self._probe.has_captures:
+                norms = self._probe.compute(grad_scale=grad_scale)
+                self._record_timesteps(output, norms, step, pictures and step % self.full_every_n_steps == 0)
+            if self._probe is not None and logging_step:
+                self._probe_notices()
+            if logging_step:
+                self._record_spectra(output, step, full, pictures)
         parameters = list(parameters)
         if self._check_nonfinite(parameters, step, amp_scaler_active, logging_step):
             output.skip_step = True
@@ -345,10 +357,11 @@ class GradHealthMonitor:
             for record in self.recurrent_weights:
                 layer_params[record.layer_key].append(record.parameter)
             if layer_params:
-                norms = group_grad_norms(layer_params, self.clip_norm_type).tolist()
+                norms = self._global_norms(group_grad_norms(layer_params, self.clip_norm_type)).tolist()
                 scalars.update({f"gradhealth/{key}/weight_grad_norm": norm for key, norm in zip(layer_params, norms)})
         if self.clip is not None:
-            stats = clip_grads_(parameters, self.clip, self.clip_val, self.clip_norm_type)
+            reduce_norm = self._global_norms if self.all_reduce is not None else None
+            stats = clip_grads_(parameters, self.clip, self.clip_val, self.clip_norm_type, reduce_norm=reduce_norm)
             self.latest_clip_stats = stats
             self.clip_suggester.update(stats.norm_before)
             clipped = stats.clipped.long()
@@ -369,12 +382,22 @@ class GradHealthMonitor:
                 self._window_clipped, self._window_steps = 0.0, 0
         elif logging_step:
             total = torch.linalg.vector_norm(grad_norms(parameters, self.clip_norm_type), self.clip_norm_type)
+            total = self._global_norms(total)
             self.clip_suggester.update(total)
             scalars["gradhealth/grad_norm/total"] = float(total)
         if logging_step:
             scalars["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
             scalars["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
         return output
+
+    def _global_norms(self, norms: Tensor) -> Tensor:
+        """This process's ``clip_norm_type``-norms as the norms over all processes (sharded
+        gradients); unchanged without ``all_reduce``."""
+        if self.all_reduce is None:
+            return norms
+        if math.isinf(self.clip_norm_type):
+            return self.all_reduce(norms.clone(), "max")
+        return self.all_reduce(norms.pow(self.clip_norm_type), "sum").pow(1 / self.clip_norm_type)
 
     @property
     def clipped_steps(self) -> int:
@@ -391,8 +414,9 @@ class GradHealthMonitor:
         """End of training: count the NaN/Inf flags not yet read, take the final spectra, and
         return the :class:`~lightning_gradhealth.health.HealthReport`."""
         self._report_nonfinite(step, warn=not amp_scaler_active)
-        for record in self._recurrent_matrices():
-            self.spectra[record.full_name] = full_spectrum(record.parameter, len(record.gates))
+        with self.full_parameters():
+            for record in self._recurrent_matrices():
+                self.spectra[record.full_name] = full_spectrum(record.parameter, len(record.gates))
         return self.report(step)
 
     def report(self, step: int) -> HealthReport:
@@ -564,18 +588,21 @@ class GradHealthMonitor:
         if not parameters:
             return False
         flagged = nonfinite_grads(parameters)
+        any_flagged = flagged.any()
+        if self.all_reduce is not None:  # sharded gradients: one decision for all processes
+            any_flagged = self.all_reduce(any_flagged.float(), "max") > 0
         if self.on_nonfinite == "warn" or amp_scaler_active:
             key = id(parameters[0])
             pending = self._pending_nonfinite.get(key)
             if pending is not None:
-                flagged, steps = pending[1] | flagged, pending[2] + flagged.any()
+                flagged, steps = pending[1] | flagged, pending[2] + any_flagged
             else:
-                steps = flagged.any().long()
+                steps = any_flagged.long()
             self._pending_nonfinite[key] = (parameters, flagged, steps)
             if logging_step:
                 self._report_nonfinite(step, warn=not amp_scaler_active)
             return False
-        if not bool(flagged.any()):
+        if not bool(any_flagged):
             return False
         self.nonfinite_steps += 1
         described, count = self._describe(parameters, flagged)
@@ -628,10 +655,13 @@ class GradHealthMonitor:
                 key: [(step, torch.from_numpy(norms)) for step, norms in rows] for key, rows in self.timestep_history.items()
             },
             "spectra_start": {key: vars(summary).copy() for key, summary in self.spectra_start.items()},
-            "nonfinite_steps": self.nonfinite_steps,
+            # with on_nonfinite="warn" the flags of the steps since the last logging step are
+            # still on the device: count them, or a checkpoint taken now would lose them
+            "nonfinite_steps": self.nonfinite_steps + sum(int(steps) for _, _, steps in self._pending_nonfinite.values()),
             "skipped_steps": self.skipped_steps,
             "clipped_steps": self.clipped_steps,
             "clip_steps": self.clip_steps,
+            "clip_window": [int(self._window_clipped), self._window_steps],  # since the last logging step
             "clip_suggester": self.clip_suggester.state_dict(),
             "sigma_trackers": {name: tracker.state_dict() for name, tracker in self._sigma_trackers.items()},
         }
@@ -647,6 +677,7 @@ class GradHealthMonitor:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._clipped_total = int(state_dict.get("clipped_steps", 0))
         self.clip_steps = int(state_dict.get("clip_steps", 0))
+        self._window_clipped, self._window_steps = (int(value) for value in state_dict.get("clip_window", (0, 0)))
         if "clip_suggester" in state_dict:
             self.clip_suggester.load_state_dict(state_dict["clip_suggester"])
         self._sigma_trackers = {}
