@@ -123,7 +123,9 @@ class GradHealth(CallbackBase):
     ``gradhealth/grad_norm/total_clipped``, ``gradhealth/clip/coefficient`` and
     ``gradhealth/clip/clipped_steps_fraction`` (over the steps since the previous log), the
     gradient norm of each recurrent layer's weights ``gradhealth/<layer>/weight_grad_norm``, and
-    the counts ``gradhealth/nonfinite/steps`` and ``gradhealth/nonfinite/skipped_steps``.
+    the counts ``gradhealth/nonfinite/steps`` and ``gradhealth/nonfinite/skipped_steps``. With
+    several optimizers (manual optimization) each one's norms and clipping statistics go under
+    ``gradhealth/grad_norm/optimizer_<i>/...`` and ``gradhealth/clip/optimizer_<i>/...``.
 
     Args:
         init: scheme of the hidden-to-hidden matrices: ``"orthogonal"``, ``"glorot"``
@@ -438,12 +440,15 @@ class GradHealth(CallbackBase):
         ``optimizer.step()``; once per accumulation window.
         """
         step = _optimizer_steps(trainer)
+        optimizers = trainer.optimizers
+        index = next((i for i, candidate in enumerate(optimizers) if candidate is optimizer), 0)
         output = self.monitor.before_optimizer_step(
             step,
             [p for group in optimizer.param_groups for p in group["params"]],
             grad_scale=_loss_scale(trainer),
             amp_scaler_active=_amp_scaler_active(trainer),
             pictures=bool(self._writers),
+            optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",
         )
         log_scalars(trainer, output.scalars, step)
         add_histograms(self._writers, output.histograms, step)

@@ -204,8 +204,8 @@ class GradHealthMonitor:
         self._param_names: dict[int, str] = {}
         self._nonfinite_named: set[str] = set()
         self._pending_nonfinite: dict[int, tuple[list[Tensor], Tensor, Tensor]] = {}
-        self._window_clipped: Any = 0.0
-        self._window_steps = 0
+        self._gradients_logged: dict[str, int] = {}
+        self._clip_windows: dict[str, tuple[Any, int]] = {}
         self._clipped_total: Any = 0
         self.full_parameters: Callable[[], ContextManager[Any]] = nullcontext
         self.all_reduce: Optional[Callable[[Tensor, str], Tensor]] = None
@@ -250,9 +250,10 @@ class GradHealthMonitor:
             )
         self._param_names = {id(param): name for name, param in model.named_parameters()}
         self._logged_step = self._armed_step = None
+        self._gradients_logged.clear()
         self._pending_nonfinite.clear()
         if start_step is not None:  # a resumed run keeps the clip window its checkpoint holds
-            self._window_clipped, self._window_steps = 0.0, 0
+            self._clip_windows.clear()
             self.spectra_start = {}
             for key in list(self.timestep_history):
                 self.timestep_history[key] = [(s, norms) for s, norms in self.timestep_history[key] if s < start_step]
@@ -318,6 +319,7 @@ class GradHealthMonitor:
         grad_scale: float = 1.0,
         amp_scaler_active: bool = False,
         pictures: bool = True,
+        optimizer_name: str = "",
     ) -> StepOutput:
         """Measure, check and clip the complete gradients of ``parameters`` at ``step``.
 
@@ -329,24 +331,32 @@ class GradHealthMonitor:
             amp_scaler_active: a GradScaler skips non-finite steps itself: they are only counted.
             pictures: compute histograms and pictures on full steps (``False`` when nothing
                 would write them).
+            optimizer_name: with several optimizers, a name for this one (e.g. ``"optimizer_1"``):
+                its gradient scalars go under ``gradhealth/grad_norm/<name>/...`` and
+                ``gradhealth/clip/<name>/...``. The probe and the spectra run once per step,
+                at the first optimizer that steps.
 
         Raises:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf;
                 raised before any weight changes.
         """
         output = StepOutput()
-        logging_step = self.is_logging_step(step) and step != self._logged_step
-        if logging_step:
+        measuring_step = self.is_logging_step(step) and step != self._logged_step
+        if measuring_step:
             self._logged_step = step
-        full = logging_step and step % self.full_every_n_steps == 0
-        with self.full_parameters() if logging_step else nullcontext():
+        full = measuring_step and step % self.full_every_n_steps == 0
+        with self.full_parameters() if measuring_step else nullcontext():
             if self._probe is not None and self._probe.has_captures:
                 norms = self._probe.compute(grad_scale=grad_scale)
                 self._record_timesteps(output, norms, step, pictures and step % self.full_every_n_steps == 0)
-            if self._probe is not None and logging_step:
+            if self._probe is not None and measuring_step:
                 self._probe_notices()
-            if logging_step:
+            if measuring_step:
                 self._record_spectra(output, step, full, pictures)
+        logging_step = self.is_logging_step(step) and self._gradients_logged.get(optimizer_name) != step
+        if logging_step:
+            self._gradients_logged[optimizer_name] = step
+        group = f"/{optimizer_name}" if optimizer_name else ""
         parameters = list(parameters)
         if self._check_nonfinite(parameters, step, amp_scaler_active, logging_step):
             output.skip_step = True
@@ -354,8 +364,10 @@ class GradHealthMonitor:
         scalars = output.scalars
         if logging_step:
             layer_params = defaultdict(list)
+            stepped = {id(param) for param in parameters}
             for record in self.recurrent_weights:
-                layer_params[record.layer_key].append(record.parameter)
+                if id(record.parameter) in stepped:
+                    layer_params[record.layer_key].append(record.parameter)
             if layer_params:
                 norms = self._global_norms(group_grad_norms(layer_params, self.clip_norm_type)).tolist()
                 scalars.update({f"gradhealth/{key}/weight_grad_norm": norm for key, norm in zip(layer_params, norms)})
@@ -365,27 +377,28 @@ class GradHealthMonitor:
             self.latest_clip_stats = stats
             self.clip_suggester.update(stats.norm_before)
             clipped = stats.clipped.long()
-            self._window_clipped = self._window_clipped + clipped
+            window_clipped, window_steps = self._clip_windows.get(optimizer_name, (0, 0))
+            window_clipped, window_steps = window_clipped + clipped, window_steps + 1
             self._clipped_total = self._clipped_total + clipped
-            self._window_steps += 1
             self.clip_steps += 1
+            self._clip_windows[optimizer_name] = (window_clipped, window_steps)
             if logging_step:
                 values = stats.to_floats()
                 scalars.update(
                     {
-                        "gradhealth/grad_norm/total": values["norm_before"],
-                        "gradhealth/grad_norm/total_clipped": values["norm_after"],
-                        "gradhealth/clip/coefficient": values["coefficient"],
-                        "gradhealth/clip/clipped_steps_fraction": float(self._window_clipped) / self._window_steps,
+                        f"gradhealth/grad_norm{group}/total": values["norm_before"],
+                        f"gradhealth/grad_norm{group}/total_clipped": values["norm_after"],
+                        f"gradhealth/clip{group}/coefficient": values["coefficient"],
+                        f"gradhealth/clip{group}/clipped_steps_fraction": float(window_clipped) / window_steps,
                     }
                 )
-                self._window_clipped, self._window_steps = 0.0, 0
+                del self._clip_windows[optimizer_name]
         elif logging_step:
             total = torch.linalg.vector_norm(grad_norms(parameters, self.clip_norm_type), self.clip_norm_type)
             total = self._global_norms(total)
             self.clip_suggester.update(total)
-            scalars["gradhealth/grad_norm/total"] = float(total)
-        if logging_step:
+            scalars[f"gradhealth/grad_norm{group}/total"] = float(total)
+        if measuring_step:
             scalars["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
             scalars["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
         return output
@@ -661,7 +674,8 @@ class GradHealthMonitor:
             "skipped_steps": self.skipped_steps,
             "clipped_steps": self.clipped_steps,
             "clip_steps": self.clip_steps,
-            "clip_window": [int(self._window_clipped), self._window_steps],  # since the last logging step
+            # per optimizer, since its last logging step
+            "clip_windows": {name: [int(clipped), steps] for name, (clipped, steps) in self._clip_windows.items()},
             "clip_suggester": self.clip_suggester.state_dict(),
             "sigma_trackers": {name: tracker.state_dict() for name, tracker in self._sigma_trackers.items()},
         }
@@ -677,7 +691,8 @@ class GradHealthMonitor:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._clipped_total = int(state_dict.get("clipped_steps", 0))
         self.clip_steps = int(state_dict.get("clip_steps", 0))
-        self._window_clipped, self._window_steps = (int(value) for value in state_dict.get("clip_window", (0, 0)))
+        windows = state_dict.get("clip_windows", {})
+        self._clip_windows = {name: (int(clipped), int(steps)) for name, (clipped, steps) in windows.items()}
         if "clip_suggester" in state_dict:
             self.clip_suggester.load_state_dict(state_dict["clip_suggester"])
         self._sigma_trackers = {}

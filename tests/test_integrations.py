@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -474,13 +475,24 @@ def test_manual_optimization_with_two_optimizers_clips_each_optimizers_parameter
     ``clip="norm"``: every ``optimizer.step()`` clips exactly that optimizer's parameters as
     ``clip_grad_norm_`` does (the other network's gradients are left as they are), and the probe
     measures both networks' layers for the generator loss, the first one backpropagated in the
-    sampled step, equal to the unrolled reference."""
+    sampled step, equal to the unrolled reference. Each optimizer's norms and clip statistics are
+    logged under its own name, at every logging step."""
     torch.manual_seed(0)
     before, after, recorder = GradsAtOptimizerStep(), GradsAtOptimizerStep(), StepRecorder()
     health = GradHealth(log_every_n_steps=2, clip="norm", clip_val=0.01)
     model = SequenceGAN()
-    trainer = pytorch_lightning.Trainer(callbacks=[recorder, before, health, after], **trainer_kwargs(max_steps=6))
+    logger = CSVLogger(tempfile.mkdtemp(), name="gan")
+    trainer = pytorch_lightning.Trainer(
+        callbacks=[recorder, before, health, after], **trainer_kwargs(max_steps=6, logger=logger)
+    )
     trainer.fit(model)
+    with open(Path(logger.log_dir) / "metrics.csv") as metrics_file:
+        rows = list(csv.DictReader(metrics_file))
+    for index in (0, 1):
+        for tag in ("grad_norm/optimizer_{}/total", "grad_norm/optimizer_{}/total_clipped", "clip/optimizer_{}/coefficient"):
+            logged = [int(row["step"]) for row in rows if row.get("gradhealth/" + tag.format(index))]
+            assert logged == [0, 2], tag.format(index)  # batches 0 and 2 of 3 (6 optimizer steps)
+    assert not any(row.get("gradhealth/grad_norm/total") for row in rows)
     assert len(recorder.seen) == 3 and [index for index, _ in before.calls] == [0, 1] * 3
     assert health.monitor.clip_steps == 6
     names = [{f"{net}.{name}" for name, _ in getattr(model, net).named_parameters()} for net in ("generator", "discriminator")]
