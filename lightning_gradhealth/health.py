@@ -262,8 +262,8 @@ class HealthReport:
         lines = [f"GradHealth health report at step {self.step}: {'healthy' if self.healthy else 'needs attention'}"]
         if rows:
             widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
-            lines.append("  ".join(column.ljust(width) for column, width in widths.items()))
-            lines.extend("  ".join(row[column].ljust(width) for column, width in widths.items()) for row in rows)
+            lines.append("  ".join(column.ljust(width) for column, width in widths.items()).rstrip())
+            lines.extend("  ".join(row[column].ljust(width) for column, width in widths.items()).rstrip() for row in rows)
             lines.extend(f"  {layer.layer}: {layer.verdict}: {layer.reason}" for layer in self.layers)
         else:
             lines.append("no recurrent layer found")
