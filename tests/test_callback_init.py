@@ -145,7 +145,8 @@ def test_same_seed_gives_the_same_initial_weights_across_runs():
         assert torch.equal(snapshots[0][name], snapshots[1][name])
 
 
-def test_default_seed_follows_seed_everything():
+def test_default_seed_follows_seed_everything(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything sets it; restored after the test
     snapshots = []
     for _ in range(2):
         pytorch_lightning.seed_everything(3, verbose=False)

@@ -44,9 +44,12 @@ Batch = tuple[Tensor, Tensor]
 
 
 def _subprocess_env() -> dict[str, str]:
-    """The environment of a multi-process run: this checkout first on the path, one thread per rank."""
+    """The environment of a multi-process run: this checkout first on the path, one thread per rank,
+    and none of Lightning's ``PL_*`` variables an earlier in-process test may have left (a
+    ``PL_GLOBAL_SEED`` from ``seed_everything`` would reseed every rank at DDP set-up)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("PL_")}
+    return {**inherited, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def _script(name: str) -> Any:
