@@ -154,7 +154,8 @@ class GradHealth(CallbackBase):
             ``log_every_n_steps``.
         full_every_n_steps: interval of the full spectra, histograms and pictures; default
             20 x ``log_every_n_steps`` (at H = 1024 that keeps the full spectra under 0.5% of
-            training time on CPU); rounded up to a multiple of the logging interval.
+            training time on CPU); it must be a multiple of ``log_every_n_steps`` when both are
+            given, and is rounded up to one when the interval comes from the Trainer.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
@@ -196,7 +197,8 @@ class GradHealth(CallbackBase):
             names and the closest match), a negative or non-finite gain, an invalid gate count,
             seed, interval or threshold; at the start of fit, before any step, for a
             ``custom``, ``exclude`` or ``custom_cells`` pattern that matches nothing or a gate
-            count that does not divide its matrix.
+            count that does not divide its matrix, for ``clip`` together with the Trainer's
+            ``gradient_clip_val``, and for ``clip="agc"`` or ``"value"`` under FSDP.
 
     At the start of fit the configuration goes to TensorBoard as text (``gradhealth/config``)
     with a custom-scalars layout (the "Custom Scalars" tab: per layer, transmission, horizon,
@@ -352,10 +354,11 @@ class GradHealth(CallbackBase):
                 "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
             )
         fsdp_root = _fsdp_root(trainer)
-        if fsdp_root is not None and self.clip == "agc":
+        if fsdp_root is not None and self.clip in ("agc", "value"):
             raise ValueError(
-                "GradHealth(clip='agc') rescales each unit (row) of every weight by its own norm, but under FSDP each "
-                "process holds flat 1-D shards of the weights and their gradients. Use clip='norm' or clip='value'."
+                f"GradHealth(clip={self.clip!r}) is not available under FSDP, where each process holds flat 1-D shards "
+                "of the weights and their gradients (AGC needs whole rows; clipping by value would report one shard's "
+                "norms). Use clip='norm', whose norm GradHealth reduces over all processes."
             )
         self.monitor.set_schedule(self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1), self.full_every_n_steps)
         step = _optimizer_steps(trainer)
@@ -375,9 +378,10 @@ class GradHealth(CallbackBase):
                 f"GradHealth: no TensorBoard logger among trainer.loggers ({loggers}): scalars go to every logger, "
                 "histograms, pictures and the report text are not written; the health report still prints at the end of fit."
             )
-        for writer in self._writers:
-            writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, self.clip is not None))
-        add_text(self._writers, "gradhealth/config", config_markdown(self._configuration()), step)
+        if trainer.ckpt_path is None:  # a resumed run's log directory has them already
+            for writer in self._writers:
+                writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, self.clip is not None))
+            add_text(self._writers, "gradhealth/config", config_markdown(self._configuration()), step)
 
     def _configuration(self) -> dict[str, Any]:
         """The settings in effect, as recorded in TensorBoard."""
@@ -407,6 +411,7 @@ class GradHealth(CallbackBase):
             return
         if trainer.ckpt_path is not None:
             rank_zero_info(f"GradHealth: resuming from {trainer.ckpt_path}; weights come from the checkpoint, no init.")
+            self._initialized_model = weakref.ref(pl_module)  # a later fit of this model goes on from here too
             return
         seed = self.seed if self.seed is not None else torch.initial_seed()
         seed = trainer.strategy.broadcast(seed, src=0)
@@ -445,7 +450,7 @@ class GradHealth(CallbackBase):
         output = self.monitor.before_optimizer_step(
             step,
             [p for group in optimizer.param_groups for p in group["params"]],
-            grad_scale=_loss_scale(trainer),
+            grad_scale=_loss_scale(trainer) if self.monitor.is_logging_step(step) else 1.0,  # no sync otherwise
             amp_scaler_active=_amp_scaler_active(trainer),
             pictures=bool(self._writers),
             optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",

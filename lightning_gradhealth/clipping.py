@@ -284,7 +284,7 @@ def nonfinite_grads(parameters: Sequence[Tensor]) -> Tensor:
     parameters = list(parameters)
     positions = [index for index, p in enumerate(parameters) if _has_grad(p)]
     if not positions:
-        return torch.zeros(len(parameters), dtype=torch.bool)
+        return torch.zeros(len(parameters), dtype=torch.bool, device=parameters[0].device if parameters else None)
     grads = [parameters[index].grad for index in positions]
     device = grads[0].device
     groups = list(_group_by_device_and_dtype(grads).values())

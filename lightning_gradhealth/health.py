@@ -175,7 +175,8 @@ def layer_verdict(
 ) -> tuple[str, str]:
     """The verdict on one layer and its reason in numbers: ``(verdict, reason)``.
 
-    In order: NaN/Inf gradients through time are ``"exploding"``; then
+    In order: NaN/Inf gradients through time are ``"exploding"``; a zero gradient at the last
+    step (the loss does not reach the layer through time) is ``"unmeasured"``; then
     :func:`diagnose_timesteps`' ``"exploding"`` or ``"vanishing"``; then ``"saturating"`` when
     more than ``saturating_above`` of the tanh candidate units are saturated; else ``"healthy"``.
 
@@ -187,6 +188,10 @@ def layer_verdict(
     """
     if summary is None:
         return "unmeasured", "no gradient through time measured (timesteps=False, or no training step reached it)"
+    if summary.finite and math.isnan(summary.transmission):
+        return "unmeasured", (
+            f"||dL/dh|| is 0 at the layer's last step: the loss does not reach it through time ({summary.steps} steps)"
+        )
     saturated = "" if saturation is None else f"; {saturation:.0%} of tanh units saturated"
     condition = diagnose_timesteps(summary, vanish_below, explode_above)
     if condition == "nonfinite":

@@ -179,8 +179,8 @@ class GradHealthMonitor:
         self.horizon_factor = horizon_factor
         self.on_nonfinite = on_nonfinite
         self.warn = warn
-        self.log_every_n_steps = 50
-        self.full_every_n_steps = 1000
+        self.log_every_n_steps: int
+        self.full_every_n_steps: int
         self.set_schedule(log_every_n_steps, full_every_n_steps)
 
         self.recurrent_weights: list[WeightRecord] = []
@@ -252,6 +252,8 @@ class GradHealthMonitor:
         self._logged_step = self._armed_step = None
         self._gradients_logged.clear()
         self._pending_nonfinite.clear()
+        if start_step == 0:  # a new run from scratch: nothing of an earlier run's counts or verdicts
+            self._reset_run()
         if start_step is not None:  # a resumed run keeps the clip window its checkpoint holds
             self._clip_windows.clear()
             self.spectra_start = {}
@@ -259,6 +261,17 @@ class GradHealthMonitor:
                 self.timestep_history[key] = [(s, norms) for s, norms in self.timestep_history[key] if s < start_step]
         if self._probe is not None:
             self._probe.attach()
+
+    def _reset_run(self) -> None:
+        """Forget the measurements, counters and notices of an earlier run."""
+        self.timestep_grad_norms, self.timestep_summaries, self.saturation = {}, {}, {}
+        self.spectra = {}
+        self.clip_suggester = ClipThresholdSuggester(self.clip_suggester.multiple, self.clip_suggester.min_updates)
+        self.latest_clip_stats = None
+        self.nonfinite_steps = self.skipped_steps = self.clip_steps = 0
+        self._clipped_total = 0
+        self._warned.clear()
+        self._nonfinite_named.clear()
 
     def detach(self) -> None:
         """Remove every hook and drop what was captured: the model runs at full speed and pickles."""
@@ -348,11 +361,11 @@ class GradHealthMonitor:
         with self.full_parameters() if measuring_step else nullcontext():
             if self._probe is not None and self._probe.has_captures:
                 norms = self._probe.compute(grad_scale=grad_scale)
-                self._record_timesteps(output, norms, step, pictures and step % self.full_every_n_steps == 0)
+                self._guarded("timesteps", self._record_timesteps, output, norms, step, pictures and full)
             if self._probe is not None and measuring_step:
                 self._probe_notices()
             if measuring_step:
-                self._record_spectra(output, step, full, pictures)
+                self._guarded("spectra", self._record_spectra, output, step, full, pictures)
         logging_step = self.is_logging_step(step) and self._gradients_logged.get(optimizer_name) != step
         if logging_step:
             self._gradients_logged[optimizer_name] = step
@@ -402,6 +415,18 @@ class GradHealthMonitor:
             scalars["gradhealth/nonfinite/steps"] = float(self.nonfinite_steps)
             scalars["gradhealth/nonfinite/skipped_steps"] = float(self.skipped_steps)
         return output
+
+    def _guarded(self, kind: str, record: Callable[..., None], *args: Any) -> None:
+        """Run one measurement; an error in it is named once and left out: training goes on."""
+        try:
+            record(*args)
+        except Exception as error:  # a measurement must never stop the user's training
+            if ("error", kind) not in self._warned:
+                self._warned.add(("error", kind))
+                self.warn(
+                    f"GradHealth: the {kind} measurement failed ({type(error).__name__}: {error}); "
+                    "it is left out, training goes on."
+                )
 
     def _global_norms(self, norms: Tensor) -> Tensor:
         """This process's ``clip_norm_type``-norms as the norms over all processes (sharded
@@ -505,7 +530,7 @@ class GradHealthMonitor:
             history = self.timestep_history.setdefault(key, [])
             history.append((step, norms[key].numpy()))
             if len(history) > self.history_size:
-                del history[::2]
+                del history[-2::-2]  # every other row, keeping the newest
         if pictures:
             self._timestep_images(output, step)
 

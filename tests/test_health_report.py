@@ -29,6 +29,7 @@ from lightning_gradhealth.health import layer_verdict, summarize_timesteps
         ([0.5, 0.8, 1.0], 0.9, "saturating", "90% of tanh candidate units"),
         ([0.5, 0.8, 1.0], 0.1, "healthy", "10% of tanh units saturated"),
         ([1e-6, 1e-3, 1.0], 0.9, "vanishing", "90% of tanh units saturated"),
+        ([1.0, 1.0, 0.0], None, "unmeasured", "the loss does not reach it through time"),
     ],
 )
 def test_verdicts_follow_the_numbers(norms, saturation, verdict, reason_part):
@@ -170,3 +171,13 @@ def test_a_vanishing_layer_gets_the_vanishing_verdict_with_its_numbers():
     assert f"10^{layer.timesteps.transmission:+.1f}" in layer.reason
     assert not health.health_report.healthy and "needs attention" in health.health_report.format()
     assert math.isfinite(layer.spectrum_end.spectral_radius) and layer.spectrum_end.spectral_radius < 0.2
+
+
+def test_a_new_run_with_the_same_callback_reports_only_its_own_steps():
+    torch.manual_seed(0)
+    health = GradHealth(clip="norm", clip_val=1e-6)
+    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=4)).fit(PLSequenceModel())
+    assert health.monitor.clip_steps == 4
+    health.monitor.clip_val = 1e9  # the second run never clips
+    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3)).fit(PLSequenceModel())
+    assert health.monitor.clip_steps == 3 and health.health_report.clipped_fraction == 0.0

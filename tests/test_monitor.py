@@ -113,3 +113,21 @@ def test_bad_settings_fail_at_construction_with_what_is_allowed():
         GradHealthMonitor(on_nonfinite="ignore")
     with pytest.raises(ValueError, match="log_every_n_steps"):
         GradHealthMonitor(log_every_n_steps=0)
+
+
+def test_the_heatmap_history_is_thinned_keeping_the_first_and_the_newest_rows():
+    torch.manual_seed(0)
+    model = Regressor()
+    monitor = GradHealthMonitor(log_every_n_steps=1)
+    monitor.history_size = 4
+    monitor.attach(model)
+    for step, (x, y) in enumerate(_batches(9)):
+        monitor.start_step(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        monitor.stop_capture()
+        loss.backward()
+        monitor.before_optimizer_step(step, list(model.parameters()))
+        model.zero_grad()
+        steps = [row_step for row_step, _ in monitor.timestep_history["rnn.l0"]]
+        assert steps[0] == 0 and steps[-1] == step and len(steps) <= monitor.history_size
+    monitor.detach()
