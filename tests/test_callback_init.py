@@ -122,7 +122,12 @@ def test_resume_from_checkpoint_keeps_the_checkpoints_weights_bit_for_bit(tmp_pa
 
     recorder, callback = WeightsAtTrainStart(), GradHealth(init="orthogonal")
     resumed = pytorch_lightning.Trainer(callbacks=[callback, recorder], **trainer_kwargs(max_steps=6))
-    resumed.fit(PLSequenceModel(), ckpt_path=checkpoint_path)
+    model = PLSequenceModel()
+    resumed.fit(model, ckpt_path=checkpoint_path)
+    trained = weights(model)
+    # a later fit of the resumed model (more steps) goes on from its trained weights: no init
+    pytorch_lightning.Trainer(callbacks=[callback, recorder], **trainer_kwargs(max_steps=2)).fit(model)
+    assert all(torch.equal(recorder.snapshots[-1][name], value) for name, value in trained.items())
 
     restored = recorder.snapshots[0]
     assert restored.keys() == saved["state_dict"].keys()
