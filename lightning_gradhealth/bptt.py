@@ -45,7 +45,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradhealth.layers import cell_type_of
+from lightning_gradhealth.layers import cell_type_of, layer_key
 
 __all__ = [
     "CellWeights",
@@ -725,8 +725,8 @@ class TimestepProbe:
                     except Exception as error:  # a measurement must never stop the user's training
                         self.failures[name] = f"{type(error).__name__}: {error}"
                         continue
-                    for layer_key, grads in layer_grads.items():
-                        key = f"{name}.{layer_key}" if name else layer_key
+                    for local_key, grads in layer_grads.items():
+                        key = layer_key(name, local_key)
                         norms[key] = timestep_norms(grads.state)
                         if grads.saturation is not None:
                             saturation[key] = grads.saturation

@@ -134,6 +134,22 @@ def _cell_records(
     ]
 
 
+def layer_key(module_name: str, layer: str) -> str:
+    """The public key of one layer/direction (``"l1_reverse"``) of the module named ``module_name``.
+
+    Examples:
+        >>> layer_key("encoder.rnn", "l1_reverse"), layer_key("", "l0")
+        ('encoder.rnn.l1_reverse', 'l0')
+    """
+    return f"{module_name}.{layer}" if module_name else layer
+
+
+def fused_layer_keys(module_name: str, module: nn.RNNBase) -> list[str]:
+    """The keys of every layer and direction of a fused ``nn.RNN``/``nn.LSTM``/``nn.GRU``, in PyTorch's order."""
+    directions = ("", "_reverse") if module.bidirectional else ("",)
+    return [layer_key(module_name, f"l{layer}{direction}") for layer in range(module.num_layers) for direction in directions]
+
+
 def _fused_records(module: nn.RNNBase, module_name: str) -> list[WeightRecord]:
     """Records of every layer and direction of an ``nn.RNN``/``nn.LSTM``/``nn.GRU``."""
     directions = ("", "_reverse") if module.bidirectional else ("",)
@@ -143,8 +159,7 @@ def _fused_records(module: nn.RNNBase, module_name: str) -> list[WeightRecord]:
         input_size = module.input_size if layer == 0 else output_width
         for direction in directions:
             suffix = f"_l{layer}{direction}"
-            key = f"{module_name}.l{layer}{direction}" if module_name else f"l{layer}{direction}"
-            records += _cell_records(module, module_name, key, suffix, input_size)
+            records += _cell_records(module, module_name, layer_key(module_name, suffix[1:]), suffix, input_size)
     return records
 
 

@@ -71,7 +71,7 @@ from lightning_gradhealth.health import (
     summarize_timesteps,
 )
 from lightning_gradhealth.initialize import InitRecord
-from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights, parametrized_weights
+from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights, fused_layer_keys, parametrized_weights
 from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, eigenvalue_image, full_spectrum
 
 __all__ = ["NONFINITE_POLICIES", "GradHealthMonitor", "NonFiniteGradientError", "StepOutput"]
@@ -294,9 +294,7 @@ class GradHealthMonitor:
         keys = [record.layer_key for record in self.recurrent_weights if record.role == "recurrent"]
         if self._probe is not None:
             for name, module in self._probe.fused.items():
-                directions = 2 if module.bidirectional else 1
-                prefix = f"{name}." if name else ""
-                keys += [f"{prefix}l{k}" + ("_reverse" if d else "") for k in range(module.num_layers) for d in range(directions)]
+                keys += fused_layer_keys(name, module)
             keys += list(self._probe.cells)
         return list(dict.fromkeys(keys))
 

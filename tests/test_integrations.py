@@ -16,7 +16,6 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -184,14 +183,12 @@ def test_ddp_two_processes_rank0_alone_writes_ranks_stay_identical_and_each_meas
     the skipped step is skipped on both ranks, so the weights stay identical; only rank 0 prints
     the init table, the report and the warnings and writes event files; and the dL/dh_t each rank
     measures is that of its own batch, equal to the unrolled reference on it."""
-    started = time.monotonic()
     run = subprocess.run(
         [sys.executable, str(SCRIPTS / "ddp_integration.py"), str(tmp_path)],
         env=_subprocess_env(), capture_output=True, text=True, timeout=150,
     )
     rank1_output = (tmp_path / "rank1.out").read_text() if (tmp_path / "rank1.out").exists() else ""
     assert run.returncode == 0, run.stderr[-3000:] + "\n--- rank 1 ---\n" + rank1_output[-3000:]
-    elapsed = time.monotonic() - started
     rank0_output = run.stdout + run.stderr
 
     # only rank 0 talks: init table, reports and warnings once per fit; rank 1's output was captured
@@ -242,7 +239,6 @@ def test_ddp_two_processes_rank0_alone_writes_ranks_stay_identical_and_each_meas
     assert [(e.step, e.value) for e in events.Scalars("gradhealth/nonfinite/skipped_steps")] == [(0, 0.0), (2, 1.0)]
     assert [image.step for image in events.Images("gradhealth/rnn.l1/eigenvalues")] == [0, 2]
     assert {"gradhealth/config/text_summary", "gradhealth/report/text_summary"} <= set(events.Tags()["tensors"])
-    assert elapsed < 90, f"2-process DDP run took {elapsed:.0f} s"
 
 
 # ----------------------------------------------------------------------------------------------
