@@ -6,7 +6,7 @@ interleaved with its steps, in the same process, the script times on that LSTM's
 
 - the cheap pass, :class:`~lightning_gradhealth.spectra.SigmaMaxTracker` (warm);
 - the full pass, :func:`~lightning_gradhealth.spectra.full_spectrum`;
-- the picture, :func:`~lightning_gradhealth.spectra.eigenvalue_image`, drawn at every full pass.
+- the picture, :func:`~lightning_gradhealth.figures.eigenvalue_image`, drawn at every full pass.
 
 Medians over the repeats give the overhead of a schedule: the cheap pass every
 ``--log-every-n-steps`` steps, the full pass and the picture every ``--full-every`` logging steps.
@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lightning_gradhealth.spectra import SigmaMaxTracker, eigenvalue_image, full_spectrum
+from lightning_gradhealth.figures import eigenvalue_image
+from lightning_gradhealth.spectra import SigmaMaxTracker, full_spectrum
 
 INPUT_SIZE, SEQ_LEN, BATCH = 32, 100, 64
 LSTM_GATES = ("i", "f", "g", "o")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_gradhealth import GradHealth
-from lightning_gradhealth.bptt import TimestepProbe
+from lightning_gradhealth.probe import TimestepProbe
 
 WORKLOADS = {
     "LSTM 1x256, T=100, B=64": dict(kind=nn.LSTM, input_size=32, hidden=256, layers=1, steps=100, batch=64),

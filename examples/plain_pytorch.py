@@ -21,8 +21,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from adding_problem import BASELINE_MSE, adding_problem
-from lightning_gradhealth import GradHealthMonitor, initialize_, write_step_output
-from lightning_gradhealth.initialize import format_init_report
+from lightning_gradhealth import GradHealthMonitor, format_init_report, initialize_, write_step_output
 
 
 class AddingLSTM(nn.Module):

@@ -1,67 +1,75 @@
-r"""Exact per-timestep gradient norms through time, :math:`\|\partial L / \partial h_t\|` for every t.
+r"""Exact per-timestep gradients through time of recurrent layers: the pure recurrences.
 
 :math:`\partial L/\partial h_t` here is the TOTAL derivative: the direct gradient arriving at the
 layer's output at step t plus everything that flows back through :math:`h_{t+1}, h_{t+2}, \dots`
-A hook on a fused layer's output sees only the direct part, and fused kernels hide the inner
-states, so this module measures in two ways:
+A fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` hides its inner states, so given the layer's input,
+its states and the gradients arriving at its outputs, this module recomputes the gates in one
+batched matrix product and runs the exact backward recursion of the cell by hand: one function
+per cell type (:func:`rnn_backward`, :func:`gru_backward`, :func:`lstm_backward`), chosen by
+:func:`backward_through_time` through :data:`BACKWARD_BY_CELL_TYPE`; :func:`fused_timestep_grads`
+does it for every layer (top-down) and direction of a fused module. It costs about one forward
+pass plus the recurrent half of a backward pass, with no weight gradients.
 
-- Cells (``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``, and custom cells you mark) are called
-  once per timestep by your own loop, and autograd accumulates every path into each call's
-  output: a tensor hook on ``h_t`` (and ``c_t``) receives the total derivative directly.
-- Fused layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): the layer's input, initial states, and the
-  gradients arriving at its outputs (the output sequence, ``h_n`` and ``c_n``) are captured
-  during the real step; afterwards :func:`backward_through_time` recomputes the gates in one
-  batched matrix product and runs the exact backward recursion of the cell by hand, layer by
-  layer (top-down) and direction by direction. It costs about one forward pass plus the
-  recurrent half of a backward pass, with no weight gradients.
-
-Everything runs on the weights' own device, in float32 (float64 for float64 weights), under
-``torch.no_grad()``.
+The recursions run under ``torch.no_grad()``. Everything here is plain torch, with no hooks:
+:mod:`lightning_gradhealth.probe` captures what these functions read during a real training step.
 
 Examples:
     >>> import torch
-    >>> lstm = torch.nn.LSTM(3, 8)
-    >>> probe = TimestepProbe(torch.nn.ModuleDict({"rnn": lstm}))
-    >>> probe.attach(); probe.arm()
-    >>> output, _ = lstm(torch.randn(20, 4, 3))
-    >>> output[-1].sum().backward()                    # the loss sees only the last step
-    >>> norms = probe.compute()
-    >>> sorted(norms), tuple(norms["rnn.l0"].shape)
-    (['rnn.l0', 'rnn.l0.cell'], (20,))
-    >>> probe.detach()
+    >>> _ = torch.manual_seed(0)
+    >>> rnn = torch.nn.RNN(3, 4)
+    >>> x = torch.randn(6, 2, 3, requires_grad=True)
+    >>> states, _ = rnn(x)
+    >>> direct = torch.zeros_like(states)
+    >>> direct[-1] = 1.0                                  # L = states[-1].sum(): dL/dh_5 = 1
+    >>> weights = CellWeights(rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0).to(torch.float32)
+    >>> grads = backward_through_time("rnn_tanh", weights, x.detach(), states.detach(), torch.zeros(2, 4), direct)
+    >>> torch.allclose(grads.input, torch.autograd.grad(states[-1].sum(), x)[0], atol=1e-6)
+    True
+    >>> tuple(timestep_norms(grads.state).shape)
+    (6,)
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
-from torch.utils.hooks import RemovableHandle
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lightning_gradhealth.layers import cell_type_of, layer_key
+from lightning_gradhealth.defaults import SATURATED_TANH
+from lightning_gradhealth.layers import cell_type_of
 
 __all__ = [
+    "BACKWARD_BY_CELL_TYPE",
     "CellWeights",
-    "FusedCapture",
     "TimestepGrads",
-    "TimestepProbe",
     "backward_through_time",
     "fused_timestep_grads",
+    "gru_backward",
+    "lstm_backward",
     "reverse_padded",
+    "rnn_backward",
+    "saturated_fraction",
     "timestep_norms",
 ]
 
 
 @dataclass(frozen=True)
 class CellWeights:
-    """The weights of one layer/direction, PyTorch layout (gate blocks stacked along rows)."""
+    """The weights of one layer/direction, PyTorch layout (gate blocks stacked along rows).
+
+    Attributes:
+        w_ih: ``(G * H, I)`` input-to-hidden weights of the G gate blocks.
+        w_hh: ``(G * H, H_out)`` hidden-to-hidden weights.
+        b_ih: ``(G * H,)`` input bias, or ``None`` (``bias=False``).
+        b_hh: ``(G * H,)`` recurrent bias, or ``None``.
+        w_hr: ``(H_out, H)`` an LSTM's projection (``proj_size``), else ``None``.
+    """
 
     w_ih: Tensor
     w_hh: Tensor
@@ -84,9 +92,8 @@ class TimestepGrads:
         cell: ``(T, B, H)``: dL/dc_t for an LSTM, else ``None``.
         input: ``(T, B, I)``: dL/dx_t, the gradient this layer sends to its input.
         saturation: 0-d tensor, the fraction of the layer's tanh candidate units (RNN ``h_t``,
-            LSTM ``g_t``, GRU ``n_t``) over valid steps, batch and units with
-            ``|tanh| > SATURATED_TANH``, where ``tanh' < 0.02`` blocks the gradient; ``None``
-            for ReLU.
+            LSTM ``g_t``, GRU ``n_t``) over valid steps, batch and units that are saturated
+            (:func:`saturated_fraction`); ``None`` for ReLU.
     """
 
     state: Tensor
@@ -95,12 +102,10 @@ class TimestepGrads:
     saturation: Optional[Tensor] = None
 
 
-SATURATED_TANH = 0.99
-
-
 def saturated_fraction(candidates: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-    """Fraction of ``(T, B, H)`` tanh outputs with ``|value| > SATURATED_TANH``, over the valid
-    steps of each sequence (``lengths``; all steps when ``None``).
+    """Fraction of ``(T, B, H)`` tanh outputs with ``|value| >``
+    :data:`~lightning_gradhealth.defaults.SATURATED_TANH`, over the valid steps of each sequence
+    (``lengths``; all steps when ``None``).
 
     Examples:
         >>> candidates = torch.tensor([[[0.999, 0.2]], [[-0.995, 0.999]]])   # (T=2, B=1, H=2)
@@ -148,11 +153,6 @@ def reverse_padded(sequence: Tensor, lengths: Optional[Tensor] = None) -> Tensor
     return torch.gather(sequence, 0, index) * valid[..., None]
 
 
-def _previous_states(states: Tensor, initial: Tensor) -> Tensor:
-    """``h_{t-1}`` for every t: the initial state followed by all states but the last."""
-    return torch.cat([initial[None], states[:-1]])
-
-
 def _at_last_steps(final_grad: Optional[Tensor], steps: int, lengths: Optional[Tensor]) -> Optional[Tensor]:
     """``(T, B, H)`` zeros with each sequence's gradient on its final state placed at its last step."""
     if final_grad is None:
@@ -173,93 +173,192 @@ def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return product.view(*x.shape[:-1], weight.shape[0])
 
 
-def backward_through_time(
-    cell_type: str,
+class _Recurrence(NamedTuple):
+    """What every cell's backward recursion starts from, for all T steps at once (time-major).
+
+    Attributes:
+        direct_grads: ``(T, B, H_out)`` the direct gradient on each h_t, with each sequence's
+            gradient on its final state h_n added at its own last step.
+        previous: ``(T, B, H_out)`` h_{t-1} for every t (the initial state first).
+        input_part: ``(T, B, G * H)`` the gates' input affine part, W_ih x_t + b_ih.
+        recurrent_part: ``(T, B, G * H)`` the gates' recurrent affine part, W_hh h_{t-1} + b_hh.
+    """
+
+    direct_grads: Tensor
+    previous: Tensor
+    input_part: Tensor
+    recurrent_part: Tensor
+
+
+def _prepare(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor],
+    lengths: Optional[Tensor],
+) -> _Recurrence:
+    """The direct gradients, previous states and gate affine parts shared by every cell type."""
+    final_state_part = _at_last_steps(final_state_grad, inputs.shape[0], lengths)
+    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
+    previous = torch.cat([initial_state[None], states[:-1]])
+    input_part = _affine(inputs, weights.w_ih, weights.b_ih)
+    return _Recurrence(direct_grads, previous, input_part, _affine(previous, weights.w_hh, weights.b_hh))
+
+
+@torch.no_grad()
+def rnn_backward(
     weights: CellWeights,
     inputs: Tensor,
     states: Tensor,
     initial_state: Tensor,
     output_grads: Tensor,
     final_state_grad: Optional[Tensor] = None,
-    initial_cell: Optional[Tensor] = None,
-    final_cell_grad: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    *,
+    nonlinearity: Literal["tanh", "relu"] = "tanh",
 ) -> TimestepGrads:
-    r"""Exact total derivatives dL/dh_t (and dL/dc_t) of one recurrent layer, one direction.
-
-    Recomputes the gates from the inputs and the layer's own output states in one batched
-    product, then runs the cell's backward recursion from the last step to the first:
+    r"""Backward through time of an Elman RNN, :math:`h_t = \phi(a_t)` with
+    :math:`a_t = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}`:
 
     .. math::
-        \frac{\partial L}{\partial h_t} = \underbrace{\delta_t}_{\text{direct}}
-            + W_{hh}^\top \frac{\partial L}{\partial a_{t+1}}
-            \;(+\; \text{the GRU's } z_{t+1} \odot \tfrac{\partial L}{\partial h_{t+1}}),
+        \frac{\partial L}{\partial h_t} = \delta_t + W_{hh}^\top \frac{\partial L}{\partial a_{t+1}},
+        \qquad
+        \frac{\partial L}{\partial a_t} = \frac{\partial L}{\partial h_t} \odot \phi'(a_t),
 
-    where :math:`a_t` are the gate pre-activations. For an LSTM,
-    :math:`\partial L/\partial c_t = \partial L/\partial \tilde h_t \odot o_t \odot (1 - \tanh^2 c_t)
-    + f_{t+1} \odot \partial L/\partial c_{t+1}` with :math:`\tilde h_t` the unprojected state
-    (:math:`h_t = W_{hr} \tilde h_t` with ``proj_size``).
+    where :math:`\delta_t` is the direct gradient and :math:`\phi'(a_t) = 1 - h_t^2` (tanh) or
+    :math:`[a_t > 0]` (ReLU).
 
     Args:
-        cell_type: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``.
-        weights: this layer/direction's weights.
-        inputs: ``(T, B, I)`` the layer's input, time-major, in the direction's reading order.
-        states: ``(T, B, H_out)`` the states h_t the layer produced (its output sequence).
-        initial_state: ``(B, H_out)`` h_{-1}.
-        output_grads: ``(T, B, H_out)`` the direct gradient on each h_t (zero on padding).
-        final_state_grad: ``(B, H_out)`` gradient on the final state h_n, if any.
-        initial_cell: ``(B, H)`` c_{-1}, LSTM only.
-        final_cell_grad: ``(B, H)`` gradient on c_n, LSTM only.
-        lengths: ``(B,)`` valid steps per sequence for packed input; steps past a sequence's
-            length get zero gradient, and its h_n gradient enters at its own last step.
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths: as in
+            :func:`backward_through_time`.
+        nonlinearity: ``"tanh"`` or ``"relu"``, as the layer's.
 
     Returns:
-        :class:`TimestepGrads`, in the same time order as ``inputs``.
+        :class:`TimestepGrads` with ``cell=None``; ``saturation=None`` for ReLU.
+
+    Raises:
+        ValueError: another ``nonlinearity``.
     """
-    steps = inputs.shape[0]
-    final_state_part = _at_last_steps(final_state_grad, steps, lengths)
-    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
-    previous = _previous_states(states, initial_state)
-    input_part = _affine(inputs, weights.w_ih, weights.b_ih)
-    recurrent_part = _affine(previous, weights.w_hh, weights.b_hh)
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected 'tanh' or 'relu'")
+    direct_grads, _, input_part, recurrent_part = _prepare(
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
+    )
+    if nonlinearity == "tanh":
+        derivative = 1 - states * states
+    else:
+        derivative = ((input_part + recurrent_part) > 0).to(states.dtype)
+    state_grads = torch.empty_like(states)
+    pre_activation_grads = torch.empty_like(input_part)
+    carry = torch.zeros_like(initial_state)
+    for t in reversed(range(inputs.shape[0])):
+        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
+        carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
+    saturation = saturated_fraction(states, lengths) if nonlinearity == "tanh" else None
+    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation)
+
+
+@torch.no_grad()
+def gru_backward(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r"""Backward through time of a GRU, :math:`h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}` with
+    :math:`r_t = \sigma(a^r_t)`, :math:`z_t = \sigma(a^z_t)`,
+    :math:`n_t = \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn}))`:
+
+    .. math::
+        \frac{\partial L}{\partial h_t} = \delta_t + z_{t+1} \odot \frac{\partial L}{\partial h_{t+1}}
+            + W_{hh}^\top \Big[\frac{\partial L}{\partial a^r_{t+1}};\;
+              \frac{\partial L}{\partial a^z_{t+1}};\;
+              r_{t+1} \odot \frac{\partial L}{\partial a^n_{t+1}}\Big],
+
+    where :math:`\delta_t` is the direct gradient and every gate gradient is
+    :math:`\partial L/\partial h_t` times a factor known before the recursion:
+    :math:`\partial L/\partial a^n_t = \partial L/\partial h_t \odot (1 - z_t)(1 - n_t^2)`,
+    :math:`\partial L/\partial a^r_t = \partial L/\partial a^n_t \odot (W_{hn} h_{t-1} + b_{hn}) \odot r_t (1 - r_t)`,
+    :math:`\partial L/\partial a^z_t = \partial L/\partial h_t \odot (h_{t-1} - n_t) \odot z_t (1 - z_t)`.
+
+    Args:
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths: as in
+            :func:`backward_through_time`.
+
+    Returns:
+        :class:`TimestepGrads` with ``cell=None``, the saturation of the candidate :math:`n_t`.
+    """
+    direct_grads, previous, input_part, recurrent_part = _prepare(
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
+    )
+    input_r, input_z, input_n = input_part.chunk(3, dim=-1)
+    hidden_r, hidden_z, hidden_n = recurrent_part.chunk(3, dim=-1)
+    reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+    candidate = torch.tanh(input_n + reset * hidden_n)
+    to_candidate = (1 - update) * (1 - candidate * candidate)
+    to_reset = to_candidate * hidden_n * reset * (1 - reset)
+    to_update = (previous - candidate) * update * (1 - update)
+    input_factors = torch.stack([to_reset, to_update, to_candidate], dim=-2)  # (T, B, 3, H)
+    recurrent_factors = torch.stack([to_reset, to_update, to_candidate * reset], dim=-2)
+    recurrent_grads = torch.empty_like(recurrent_factors)
     state_grads = torch.empty_like(states)
     carry = torch.zeros_like(initial_state)
+    for t in reversed(range(inputs.shape[0])):
+        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
+        torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
+        carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
+    pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
+    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturated_fraction(candidate, lengths))
 
-    if cell_type in ("rnn_tanh", "rnn_relu"):
-        pre_activation_grads = torch.empty_like(input_part)
-        if cell_type == "rnn_tanh":
-            derivative = 1 - states * states
-        else:
-            derivative = ((input_part + recurrent_part) > 0).to(states.dtype)
-        for t in reversed(range(steps)):
-            grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
-            carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
-        saturation = saturated_fraction(states, lengths) if cell_type == "rnn_tanh" else None
-        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation)
 
-    if cell_type == "gru":
-        input_r, input_z, input_n = input_part.chunk(3, dim=-1)
-        hidden_r, hidden_z, hidden_n = recurrent_part.chunk(3, dim=-1)
-        reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
-        candidate = torch.tanh(input_n + reset * hidden_n)
-        # h_t = (1 - z) n + z h_{t-1}: every gate gradient is dL/dh_t times a factor known up front
-        to_candidate = (1 - update) * (1 - candidate * candidate)
-        to_reset = to_candidate * hidden_n * reset * (1 - reset)
-        to_update = (previous - candidate) * update * (1 - update)
-        input_factors = torch.stack([to_reset, to_update, to_candidate], dim=-2)  # (T, B, 3, H)
-        recurrent_factors = torch.stack([to_reset, to_update, to_candidate * reset], dim=-2)
-        recurrent_grads = torch.empty_like(recurrent_factors)
-        for t in reversed(range(steps)):
-            grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
-            torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
-            carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
-        pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
-        return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturated_fraction(candidate, lengths))
+@torch.no_grad()
+def lstm_backward(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    *,
+    initial_cell: Tensor,
+    final_cell_grad: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r"""Backward through time of an LSTM, :math:`c_t = f_t \odot c_{t-1} + i_t \odot g_t`,
+    :math:`\tilde h_t = o_t \odot \tanh c_t` and :math:`h_t = W_{hr} \tilde h_t` with
+    ``proj_size`` (else :math:`h_t = \tilde h_t`), gates :math:`i, f, o = \sigma(a^{i,f,o}_t)`,
+    :math:`g_t = \tanh(a^g_t)`:
 
-    if cell_type != "lstm":
-        raise ValueError(f"unknown cell type {cell_type!r}; expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'")
-    if initial_cell is None:
-        raise ValueError("an LSTM needs its initial cell state")
+    .. math::
+        \frac{\partial L}{\partial h_t} = \delta_t + W_{hh}^\top \frac{\partial L}{\partial a_{t+1}},
+        \qquad
+        \frac{\partial L}{\partial c_t} = \frac{\partial L}{\partial \tilde h_t} \odot o_t \odot (1 - \tanh^2 c_t)
+            + f_{t+1} \odot \frac{\partial L}{\partial c_{t+1}},
+
+    where :math:`\delta_t` is the direct gradient,
+    :math:`\partial L/\partial \tilde h_t = W_{hr}^\top \partial L/\partial h_t`, and the gate
+    gradients are :math:`\partial L/\partial c_t` (input, forget, cell gates) or
+    :math:`\partial L/\partial \tilde h_t` (output gate) times a factor known before the recursion.
+
+    Args:
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths: as in
+            :func:`backward_through_time`.
+        initial_cell: ``(B, H)`` c_{-1}.
+        final_cell_grad: ``(B, H)`` gradient on the final cell state c_n, if any; it enters
+            at each sequence's own last step.
+
+    Returns:
+        :class:`TimestepGrads` with ``cell`` dL/dc_t, the saturation of the candidate :math:`g_t`.
+    """
+    direct_grads, _, input_part, recurrent_part = _prepare(
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
+    )
+    steps = inputs.shape[0]
     gates = input_part.add_(recurrent_part).view(*input_part.shape[:-1], 4, -1)
     # contiguous per-gate copies: the step-by-step loops below read them one timestep at a time
     gate_input, gate_forget, gate_cell, gate_output = (gate.contiguous() for gate in gates.unbind(dim=-2))
@@ -285,7 +384,9 @@ def backward_through_time(
     torch.addcmul(gate_output, gate_output, gate_output, value=-1, out=factor_output).mul_(tanh_cells)
     pre_activation_grads = torch.empty_like(input_part)
     gate_grads = pre_activation_grads.view(gate_factors.shape)
+    state_grads = torch.empty_like(states)
     cell_grads = torch.empty_like(cells)
+    carry = torch.zeros_like(initial_state)
     carry_cell = torch.zeros_like(initial_cell)
     final_cell_part = _at_last_steps(final_cell_grad, steps, lengths)
     if final_cell_part is not None:
@@ -303,106 +404,63 @@ def backward_through_time(
     return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih, saturated_fraction(gate_cell, lengths))
 
 
-@dataclass
-class FusedCapture:
-    """What one call of a fused layer leaves for the probe, time-major and padded.
-
-    ``inputs``, ``outputs`` and the initial states are detached copies taken at forward time;
-    the three gradients are filled by tensor hooks during the backward pass (``None`` where
-    the loss does not depend on that output). ``to_time_major`` turns the raw gradient of the
-    output (packed, batch-first or unbatched, like the output itself) into ``(T, B, F)``.
-    ``dropout_active``: the call ran inter-layer dropout, whose masks the kernel keeps to itself.
-    """
-
-    inputs: Tensor
-    outputs: Tensor
-    initial_states: Tensor
-    initial_cells: Optional[Tensor]
-    lengths: Optional[Tensor]
-    to_time_major: Callable[[Tensor], Tensor]
-    batched: bool
-    dropout_active: bool
-    output_grad: Optional[Tensor] = None
-    final_state_grad: Optional[Tensor] = None
-    final_cell_grad: Optional[Tensor] = None
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-    @property
-    def received_gradient(self) -> bool:
-        """Whether the backward pass reached any of this call's outputs."""
-        return any(g is not None for g in (self.output_grad, self.final_state_grad, self.final_cell_grad))
+BACKWARD_BY_CELL_TYPE: dict[str, Callable[..., TimestepGrads]] = {
+    "rnn_tanh": partial(rnn_backward, nonlinearity="tanh"),
+    "rnn_relu": partial(rnn_backward, nonlinearity="relu"),
+    "gru": gru_backward,
+    "lstm": lstm_backward,
+}
+"""The backward recursion of each cell type (:func:`~lightning_gradhealth.layers.cell_type_of`);
+each takes ``(weights, inputs, states, initial_state, output_grads, final_state_grad, lengths)``,
+and the LSTM's also ``initial_cell=`` and ``final_cell_grad=``."""
 
 
-def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
-    """A tensor hook that adds the incoming gradient into ``capture.<name>`` (it may fire again with retain_graph)."""
+def backward_through_time(
+    cell_type: str,
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    initial_cell: Optional[Tensor] = None,
+    final_cell_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r"""Exact total derivatives dL/dh_t (and dL/dc_t) of one recurrent layer, one direction.
 
-    def hook(grad: Tensor) -> None:
-        previous = getattr(capture, name)
-        setattr(capture, name, grad.detach() if previous is None else previous + grad.detach())
+    Recomputes the gates from the inputs and the layer's own output states in one batched
+    product, then runs the cell's backward recursion from the last step to the first: the
+    function of :data:`BACKWARD_BY_CELL_TYPE` for ``cell_type`` (:func:`rnn_backward`,
+    :func:`gru_backward`, :func:`lstm_backward`, whose docstrings give the equations).
 
-    return hook
+    Args:
+        cell_type: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``.
+        weights: this layer/direction's weights.
+        inputs: ``(T, B, I)`` the layer's input, time-major, in the direction's reading order.
+        states: ``(T, B, H_out)`` the states h_t the layer produced (its output sequence).
+        initial_state: ``(B, H_out)`` h_{-1}.
+        output_grads: ``(T, B, H_out)`` the direct gradient on each h_t (zero on padding).
+        final_state_grad: ``(B, H_out)`` gradient on the final state h_n, if any.
+        initial_cell: ``(B, H)`` c_{-1}, LSTM only (required there).
+        final_cell_grad: ``(B, H)`` gradient on c_n, LSTM only.
+        lengths: ``(B,)`` valid steps per sequence for packed input; steps past a sequence's
+            length get zero gradient, and its h_n gradient enters at its own last step.
 
-
-def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Optional[FusedCapture]:
-    """Record one forward call of ``module`` and hook the gradients of its outputs.
-
-    Returns ``None`` when no output requires grad (nothing will flow back through this call).
+    Returns:
+        :class:`TimestepGrads`, in the same time order as ``inputs``.
 
     Raises:
-        ValueError: the call does not look like the built-in layer's (a subclass with another
-            signature or output), so it cannot be measured.
+        ValueError: an unknown ``cell_type``.
+        TypeError: an LSTM without ``initial_cell``, or cell-state arguments for another cell type.
     """
-    inputs = args[0] if args else kwargs.get("input")
-    hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    if not isinstance(output, tuple) or len(output) != 2 or not isinstance(inputs, (Tensor, PackedSequence)):
-        raise ValueError("its forward takes or returns something other than the built-in layer's (input, hx) -> (output, h_n)")
-    sequence, finals = output
-    final_state, final_cell = finals if isinstance(finals, tuple) else (finals, None)
-    if isinstance(inputs, PackedSequence):
-        padded_inputs, lengths = pad_packed_sequence(inputs)
-        padded_outputs, _ = pad_packed_sequence(sequence)
-        steps, batched, grad_target = padded_outputs.shape[0], True, sequence.data
-
-        def to_time_major(grad: Tensor) -> Tensor:
-            packed = PackedSequence(grad, sequence.batch_sizes, sequence.sorted_indices, sequence.unsorted_indices)
-            return pad_packed_sequence(packed, total_length=steps)[0]
-
-    else:
-        batched, lengths, grad_target = inputs.dim() == 3, None, sequence
-        if not batched:
-            to_time_major = lambda grad: grad.unsqueeze(1)  # noqa: E731
-        elif module.batch_first:
-            to_time_major = lambda grad: grad.transpose(0, 1)  # noqa: E731
-        else:
-            to_time_major = lambda grad: grad  # noqa: E731
-        padded_inputs, padded_outputs = to_time_major(inputs), to_time_major(sequence)
-    if not (grad_target.requires_grad or final_state.requires_grad):
-        return None
-
-    directions = 2 if module.bidirectional else 1
-    state_shape = (module.num_layers * directions, padded_inputs.shape[1], module.proj_size or module.hidden_size)
-    cell_shape = (*state_shape[:2], module.hidden_size)
-    initial = hx if isinstance(hx, tuple) else (hx, None)
-    as_batched = (lambda t: t) if batched else (lambda t: t.unsqueeze(1))
-    initial_states = padded_outputs.new_zeros(state_shape) if initial[0] is None else as_batched(initial[0]).detach()
-    initial_cells = None
-    if isinstance(module, nn.LSTM):
-        initial_cells = padded_outputs.new_zeros(cell_shape) if initial[1] is None else as_batched(initial[1]).detach()
-    dropout_active = module.training and module.dropout > 0 and module.num_layers > 1
-    capture = FusedCapture(
-        padded_inputs.detach(),
-        padded_outputs.detach(),
-        initial_states,
-        initial_cells,
-        lengths,
-        to_time_major,
-        batched,
-        dropout_active,
-    )
-    for tensor, name in ((grad_target, "output_grad"), (final_state, "final_state_grad"), (final_cell, "final_cell_grad")):
-        if tensor is not None and tensor.requires_grad:
-            capture.handles.append(tensor.register_hook(_accumulate(capture, name)))
-    return capture
+    backward = BACKWARD_BY_CELL_TYPE.get(cell_type)
+    if backward is None:
+        raise ValueError(f"unknown cell type {cell_type!r}; expected one of {', '.join(map(repr, BACKWARD_BY_CELL_TYPE))}")
+    cell_state = {
+        name: value for name, value in (("initial_cell", initial_cell), ("final_cell_grad", final_cell_grad)) if value is not None
+    }
+    return backward(weights, inputs, states, initial_state, output_grads, final_state_grad, lengths, **cell_state)
 
 
 def _layer_parameters(module: nn.RNNBase, layer: int) -> dict[str, Tensor]:
@@ -445,52 +503,84 @@ def _layer_forward(
     return output if lengths is None else pad_packed_sequence(output, total_length=inputs.shape[0])[0]
 
 
-def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: float = 1.0) -> dict[str, TimestepGrads]:
+
+
+@torch.no_grad()
+def fused_timestep_grads(
+    module: nn.RNNBase,
+    inputs: Tensor,
+    initial_states: Tensor,
+    initial_cells: Optional[Tensor] = None,
+    output_grad: Optional[Tensor] = None,
+    final_state_grad: Optional[Tensor] = None,
+    final_cell_grad: Optional[Tensor] = None,
+    *,
+    outputs: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    grad_scale: float = 1.0,
+) -> dict[tuple[int, bool], TimestepGrads]:
     """Exact per-timestep total gradients of every layer and direction of a fused module.
 
     Lower layers' states are recomputed with the layer's own kernel; layers are processed top
-    down, each layer's input gradient being the direct gradient of the layer below. Gradients
-    are divided by ``grad_scale`` (the AMP loss scale the hooks saw). When the call ran
-    inter-layer dropout, every layer is recomputed without it: the measurement is then that of
-    the dropout-free network under the real upstream gradients, not of the masked one.
+    down, each layer's input gradient being the direct gradient of the layer below. Everything
+    runs on the weights' device, in float32 (float64 for float64 weights), under ``torch.no_grad()``.
+
+    Args:
+        module: the ``nn.RNN``/``nn.LSTM``/``nn.GRU`` whose call is measured.
+        inputs: ``(T, B, I)`` the call's input, time-major, padded with zeros.
+        initial_states: ``(L * D, B, H_out)`` h_0 of every layer and direction, PyTorch's order.
+        initial_cells: ``(L * D, B, H)`` an LSTM's c_0; ``None`` for the other layers.
+        output_grad: ``(T, B, D * H_out)`` the gradient that reached the output sequence,
+            time-major (zero on padding); ``None``: it got none.
+        final_state_grad: ``(L * D, B, H_out)`` the gradient that reached h_n, or ``None``.
+        final_cell_grad: ``(L * D, B, H)`` the gradient that reached an LSTM's c_n, or ``None``.
+        outputs: ``(T, B, D * H_out)`` the output sequence the call produced, time-major, which
+            spares recomputing the top layer; ``None`` recomputes every layer. Pass ``None``
+            for a call that ran inter-layer dropout, whose masks the kernel keeps to itself:
+            the measurement is then that of the dropout-free network under the real upstream
+            gradients, not of the masked one.
+        lengths: ``(B,)`` valid steps per sequence (packed input), or ``None``.
+        grad_scale: the gradients are divided by it (the AMP loss scale they were taken under).
 
     Returns:
-        ``{"l0": ..., "l0_reverse": ..., "l1": ...}``: one :class:`TimestepGrads` per layer and
-        direction, entries indexed by input position (the reverse direction unflipped).
+        ``{(layer, reverse): TimestepGrads}``: one entry per layer and direction (``reverse``
+        is ``True`` for the backward direction of a bidirectional layer), entries indexed by
+        input position (the reverse direction unflipped).
+
+    Examples:
+        >>> gru = nn.GRU(3, 4, num_layers=2, bidirectional=True)
+        >>> grads = fused_timestep_grads(gru, torch.randn(5, 2, 3), torch.zeros(4, 2, 4), output_grad=torch.ones(5, 2, 8))
+        >>> sorted(grads), tuple(grads[1, True].state.shape)
+        ([(0, False), (0, True), (1, False), (1, True)], (5, 2, 4))
     """
     weight = module.weight_hh_l0
     dtype = torch.promote_types(weight.dtype, torch.float32)
     directions = 2 if module.bidirectional else 1
     width = module.proj_size or module.hidden_size
-    lengths = capture.lengths
 
     def prepared(tensor: Optional[Tensor]) -> Optional[Tensor]:
         return None if tensor is None else tensor.to(device=weight.device, dtype=dtype) / grad_scale
 
-    layer_inputs = [capture.inputs.to(device=weight.device, dtype=dtype)]
-    states = capture.initial_states.to(weight.device, dtype)
-    cells = None if capture.initial_cells is None else capture.initial_cells.to(weight.device, dtype)
-    # With inter-layer dropout the kernel's masks are unknown: the whole stack is then
-    # recomputed without dropout, so that every layer's gates match the states they are paired with.
-    recomputed_layers = module.num_layers if capture.dropout_active else module.num_layers - 1
+    layer_inputs = [inputs.to(device=weight.device, dtype=dtype)]
+    states = initial_states.to(weight.device, dtype)
+    cells = None if initial_cells is None else initial_cells.to(weight.device, dtype)
+    recomputed_layers = module.num_layers if outputs is None else module.num_layers - 1
     for layer in range(recomputed_layers):
         rows = slice(layer * directions, (layer + 1) * directions)
         layer_inputs.append(
             _layer_forward(module, layer, layer_inputs[-1], states[rows], None if cells is None else cells[rows], lengths)
         )
     layer_outputs = layer_inputs[1:]
-    if not capture.dropout_active:
-        layer_outputs.append(capture.outputs.to(weight.device, dtype))
+    if outputs is not None:
+        layer_outputs.append(outputs.to(weight.device, dtype))
 
-    raw_output_grad = prepared(capture.output_grad)
-    direct = torch.zeros_like(layer_outputs[-1]) if raw_output_grad is None else capture.to_time_major(raw_output_grad)
-    final_states = prepared(capture.final_state_grad)
-    final_cells = prepared(capture.final_cell_grad)
-    if final_states is not None and not capture.batched:
-        final_states = final_states.unsqueeze(1)
-        final_cells = None if final_cells is None else final_cells.unsqueeze(1)
+    direct = prepared(output_grad)
+    if direct is None:
+        direct = torch.zeros_like(layer_outputs[-1])
+    final_states = prepared(final_state_grad)
+    final_cells = prepared(final_cell_grad)
 
-    results: dict[str, TimestepGrads] = {}
+    results: dict[tuple[int, bool], TimestepGrads] = {}
     for layer in reversed(range(module.num_layers)):
         below = torch.zeros_like(layer_inputs[layer])
         for direction in range(directions):
@@ -517,246 +607,10 @@ def fused_timestep_grads(module: nn.RNNBase, capture: FusedCapture, grad_scale: 
                 None if final_cells is None else final_cells[row],
                 lengths,
             )
-            results[suffix[1:]] = TimestepGrads(
+            unflipped = TimestepGrads(
                 order(grads.state), None if grads.cell is None else order(grads.cell), order(grads.input), grads.saturation
             )
-            below += results[suffix[1:]].input
+            results[layer, bool(direction)] = unflipped
+            below += unflipped.input
         direct = below
     return results
-
-
-class _InertHook:
-    """What a copy of a watched module holds in place of the probe's forward hook: nothing."""
-
-    def __call__(self, *args: Any) -> None:
-        return None
-
-
-class _ProbeHook:
-    """The probe's forward hook on one module, as an object rather than a closure, so that a copy
-    of the module never carries the probe along.
-
-    A deep copy of the module made while the probe is attached (an EMA model or a teacher copied
-    during fit) gets an :class:`_InertHook` under the same hook id, whose handle joins the
-    probe's, so :meth:`TimestepProbe.detach` removes it too; the copy's calls feed nothing. A
-    pickled module stores the inert stand-in (a closure does not pickle).
-    """
-
-    def __init__(self, hook: Callable[..., None], handles: list[RemovableHandle]) -> None:
-        self.hook, self.handles = hook, handles
-        self.handle: Optional[RemovableHandle] = None
-
-    def __call__(self, *args: Any) -> None:
-        return self.hook(*args)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _InertHook:
-        handle = self.handle
-        hooks = handle.hooks_dict_ref() if handle is not None else None
-        copied_hooks = memo.get(id(hooks)) if hooks is not None else None  # the copy being filled right now
-        if handle is not None and copied_hooks is not None:
-            extras = [ref() for ref in handle.extra_dict_ref]
-            copied_extras = [copy.deepcopy(extra, memo) for extra in extras if extra is not None]  # memoized: reused
-            copy_handle = RemovableHandle(copied_hooks, extra_dict=copied_extras)
-            copy_handle.id = handle.id
-            self.handles.append(copy_handle)
-        return _InertHook()
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_InertHook, ())
-
-
-@dataclass
-class _CellCalls:
-    """Gradients of one cell module's outputs over one step: entry t is the t-th call (``None``
-    until a gradient arrives; it stays ``None`` if the loss does not depend on that output)."""
-
-    state_grads: list[Optional[Tensor]] = field(default_factory=list)
-    cell_grads: list[Optional[Tensor]] = field(default_factory=list)
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-
-class TimestepProbe:
-    """Measures ||dL/dh_t|| for every recurrent layer of a model on the steps you arm it for.
-
-    ``attach`` registers one forward hook per recurrent module; while the probe is not armed
-    the hooks return at once, and they hold no tensor. ``arm()`` before a forward pass makes
-    them capture that pass (every call of a cell, one call per timestep; every call of a fused
-    layer, of which the first that the loss reaches is measured); ``disarm()`` before the
-    backward pass (activation checkpointing replays forwards there); after the backward pass,
-    ``compute()`` returns the norms and releases everything captured. A module the probe
-    cannot measure (a subclass whose calls differ from the built-in layer's, say) is left out
-    and named in :attr:`failures`: a measurement never stops training.
-
-    Args:
-        model: the module tree to watch.
-        custom_cells: glob patterns over module names of your own cells: modules called once
-            per timestep whose output is ``h_t`` or a tuple ``(h_t, c_t, ...)``.
-
-    Raises:
-        ValueError: a ``custom_cells`` pattern matches no module.
-    """
-
-    def __init__(self, model: nn.Module, custom_cells: Sequence[str] = ()) -> None:
-        module_names = [name for name, _ in model.named_modules()]
-        for pattern in custom_cells:
-            if not fnmatch.filter(module_names, pattern):
-                raise ValueError(f"custom_cells pattern {pattern!r} matches no module of the model")
-        self.fused: dict[str, nn.RNNBase] = {}
-        self.cells: dict[str, nn.Module] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, nn.RNNBase):
-                self.fused[name] = module
-            elif isinstance(module, nn.RNNCellBase) or any(fnmatch.fnmatchcase(name, p) for p in custom_cells):
-                self.cells[name] = module
-        self.armed = False
-        self.repeated_calls: set[str] = set()
-        self.dropout_calls: set[str] = set()
-        self.failures: dict[str, str] = {}
-        self.saturation: dict[str, float] = {}
-        self._fused_captures: dict[str, list[FusedCapture]] = {}
-        self._cell_calls: dict[str, _CellCalls] = {}
-        self._handles: list[RemovableHandle] = []
-
-    def attach(self) -> None:
-        """Register the forward hooks (idempotent)."""
-        if self._handles:
-            return
-        for name, module in self.fused.items():
-            self._register(module, self._fused_hook(name), with_kwargs=True)
-        for name, module in self.cells.items():
-            self._register(module, self._cell_hook(name))
-
-    def _register(self, module: nn.Module, hook: Callable[..., None], **kwargs: Any) -> None:
-        probe_hook = _ProbeHook(hook, self._handles)
-        probe_hook.handle = module.register_forward_hook(probe_hook, **kwargs)
-        self._handles.append(probe_hook.handle)
-
-    def detach(self) -> None:
-        """Remove every hook and release what was captured: the model is as it was."""
-        self.release()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def arm(self) -> None:
-        """Capture the next forward pass(es) until :meth:`compute` or :meth:`release`."""
-        self.armed = True
-
-    def disarm(self) -> None:
-        """Stop capturing new calls; what was captured stays until :meth:`compute` or :meth:`release`."""
-        self.armed = False
-
-    @property
-    def has_captures(self) -> bool:
-        """Whether a forward pass was captured since the last release."""
-        return bool(self._fused_captures or self._cell_calls)
-
-    @property
-    def has_gradients(self) -> bool:
-        """Whether a backward pass has reached any captured output since the last release."""
-        fused = any(capture.received_gradient for captures in self._fused_captures.values() for capture in captures)
-        return fused or any(g is not None for calls in self._cell_calls.values() for g in calls.state_grads)
-
-    def release(self) -> None:
-        """Drop every captured tensor and gradient hook, and disarm."""
-        self.armed = False
-        for capture in [*(c for captures in self._fused_captures.values() for c in captures), *self._cell_calls.values()]:
-            for handle in capture.handles:
-                handle.remove()
-        self._fused_captures.clear()
-        self._cell_calls.clear()
-
-    def _fused_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self.armed or name in self.failures:
-                return
-            try:
-                capture = capture_fused_call(module, args, kwargs, output)
-            except Exception as error:  # a measurement must never stop the user's training
-                self.failures[name] = f"{type(error).__name__}: {error}"
-                return
-            if capture is None:
-                return
-            captures = self._fused_captures.setdefault(name, [])
-            if captures:
-                self.repeated_calls.add(name)
-            captures.append(capture)
-            if capture.dropout_active:
-                self.dropout_calls.add(name)
-
-        return hook
-
-    def _cell_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self.armed:
-                return
-            calls = self._cell_calls.setdefault(name, _CellCalls())
-            state, cell = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
-            for tensor, grads in ((state, calls.state_grads), (cell, calls.cell_grads)):
-                if not isinstance(tensor, Tensor):
-                    continue
-                grads.append(None)
-                if tensor.requires_grad:
-                    calls.handles.append(tensor.register_hook(_accumulate_into(grads, len(grads) - 1)))
-
-        return hook
-
-    def compute(self, grad_scale: float = 1.0) -> dict[str, Tensor]:
-        """Per-timestep norms of the captured pass, then :meth:`release`.
-
-        Args:
-            grad_scale: the AMP loss scale the backward pass ran with (hooks see scaled
-                gradients); norms are divided by it.
-
-        Returns:
-            ``{key: (T,) float tensor on the CPU}``: keys as in the public contract, e.g.
-            ``"encoder.rnn.l1_reverse"`` and, for LSTM cell states, ``"encoder.rnn.l1_reverse.cell"``.
-            The fused layers' saturated fractions (:func:`saturated_fraction`) of the same pass
-            go to :attr:`saturation`, under the same keys.
-        """
-        norms: dict[str, Tensor] = {}
-        saturation: dict[str, Tensor] = {}
-        try:
-            with torch.no_grad():
-                for name, captures in self._fused_captures.items():
-                    capture = next((c for c in captures if c.received_gradient), captures[0])
-                    try:
-                        layer_grads = fused_timestep_grads(self.fused[name], capture, grad_scale)
-                    except Exception as error:  # a measurement must never stop the user's training
-                        self.failures[name] = f"{type(error).__name__}: {error}"
-                        continue
-                    for local_key, grads in layer_grads.items():
-                        key = layer_key(name, local_key)
-                        norms[key] = timestep_norms(grads.state)
-                        if grads.saturation is not None:
-                            saturation[key] = grads.saturation
-                        if grads.cell is not None:
-                            norms[key + ".cell"] = timestep_norms(grads.cell)
-                for name, calls in self._cell_calls.items():
-                    norms[name] = _call_norms(calls.state_grads) / grad_scale
-                    if calls.cell_grads:
-                        norms[name + ".cell"] = _call_norms(calls.cell_grads) / grad_scale
-        finally:
-            self.release()
-        self.saturation = {key: float(value) for key, value in saturation.items()}
-        return {key: value.float().cpu() for key, value in norms.items()}
-
-
-def _accumulate_into(grads: list[Optional[Tensor]], slot: int) -> Callable[[Tensor], None]:
-    """A tensor hook that adds the incoming gradient into ``grads[slot]``."""
-
-    def hook(grad: Tensor) -> None:
-        previous = grads[slot]
-        grads[slot] = grad.detach() if previous is None else previous + grad.detach()
-
-    return hook
-
-
-def _call_norms(grads: list[Optional[Tensor]]) -> Tensor:
-    """``(T,)`` Frobenius norms of per-call gradients; a call whose output got no gradient counts 0."""
-    present = next(g for g in grads if g is not None) if any(g is not None for g in grads) else None
-    if present is None:
-        return torch.zeros(len(grads))
-    return torch.stack(
-        [torch.linalg.vector_norm(g.float()) if g is not None else present.new_zeros((), dtype=torch.float32) for g in grads]
-    )

@@ -1,7 +1,7 @@
 """GradHealth: the Lightning callback. It schedules and wires; the measuring is done by
-:class:`~lightning_gradhealth.monitor.GradHealthMonitor` and the math lives in the other modules.
+:class:`~lightning_gradhealth.GradHealthMonitor` and the math lives in the other modules.
 
-- ``on_fit_start``: initialize the recurrent layers once (:mod:`~lightning_gradhealth.initialize`),
+- ``on_fit_start``: initialize the recurrent layers once (:mod:`~lightning_gradhealth.model_init`),
   attach the monitor (the timestep probe's forward hooks), record the configuration and the
   custom-scalars layout in TensorBoard.
 - ``on_train_batch_start``: the monitor arms the probe on a sampled step; on every other step
@@ -11,37 +11,52 @@
   histograms and pictures to TensorBoard.
 - ``on_train_end``: the health report, printed on rank 0 and written as TensorBoard text.
 - end of fit (or an exception): remove every hook.
+
+The arguments are declared once, as the fields of :class:`~lightning_gradhealth.InitConfig` and
+:class:`~lightning_gradhealth.MonitorConfig`: ``GradHealth``'s signature is built from them
+(:func:`~lightning_gradhealth.config.flat_signature`), so LightningCLI sees every typed argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from contextlib import nullcontext
-from typing import Any, ContextManager, Literal, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_gradhealth import tags
 from lightning_gradhealth._compat import CallbackBase
-from lightning_gradhealth._validation import check_positive_int_or_none
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
+from lightning_gradhealth.config import MonitorConfig, flat_signature, settings_of
+from lightning_gradhealth.distributed import fsdp_root, sharded, whole_parameters
 from lightning_gradhealth.health import HealthReport, TimestepSummary
-from lightning_gradhealth.initialize import InitConfig, InitRecord, apply_init_, format_init_report
 from lightning_gradhealth.layers import WeightRecord
-from lightning_gradhealth.monitor import GradHealthMonitor, NonFiniteGradientError
+from lightning_gradhealth.model_init import InitConfig, InitRecord, format_init_report, initialize_
+from lightning_gradhealth.monitor import GradHealthMonitor
 from lightning_gradhealth.spectra import MatrixSpectrum
-from lightning_gradhealth.tensorboard import (
-    add_histograms,
-    add_images,
-    add_text,
-    config_markdown,
-    custom_scalars_layout,
-    log_scalars,
-    tensorboard_writers,
-)
+from lightning_gradhealth.tensorboard import add_text, config_markdown, custom_scalars_layout, tensorboard_writers, write_outputs
 
-__all__ = ["GradHealth", "NonFiniteGradientError"]
+__all__ = ["GradHealth"]
+
+Value = TypeVar("Value")
+
+_SETTINGS = flat_signature(InitConfig, MonitorConfig, positional=("init",), method=True)
+"""GradHealth's arguments: every field of the two configs, ``init`` also by position."""
+
+
+class _FromMonitor(Generic[Value]):
+    """A read-only attribute of the callback that is the monitor's attribute of the same name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Optional[GradHealth], owner: type) -> Value:
+        if instance is None:
+            return self  # type: ignore[return-value]
+        return getattr(instance.monitor, self.name)
 
 
 def _optimizer_steps(trainer: Any) -> int:
@@ -49,46 +64,10 @@ def _optimizer_steps(trainer: Any) -> int:
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
-def _amp_scaler_active(trainer: Any) -> bool:
-    """Whether a GradScaler runs (16-mixed): it skips steps with NaN/Inf gradients itself."""
+def _amp_scaler(trainer: Any) -> Any:
+    """The GradScaler of a 16-mixed run (it skips steps with NaN/Inf gradients itself), else ``None``."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler is not None and scaler.is_enabled()
-
-
-def _loss_scale(trainer: Any) -> float:
-    """The AMP loss scale of the current backward pass (1.0 without a GradScaler)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-
-def _fsdp_root(trainer: Any) -> Optional[torch.nn.Module]:
-    """The ``FullyShardedDataParallel`` root of an FSDP run, else ``None``. Outside forward and
-    backward its parameters (``use_orig_params=True``, Lightning's default) are flat 1-D views
-    of this process's shard, and so are their gradients."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # a torch build without distributed support
-        return None
-    model = getattr(trainer.strategy, "model", None)
-    return model if isinstance(model, FullyShardedDataParallel) else None
-
-
-def _full_parameters(root: Optional[torch.nn.Module], writeback: bool = False) -> ContextManager[Any]:
-    """Every parameter whole on every process for the duration (FSDP; a collective, so every
-    process enters it at the same point); nothing without FSDP."""
-    if root is None:
-        return nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return FullyShardedDataParallel.summon_full_params(root, writeback=writeback)
-
-
-def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    """In-place sum or max of ``tensor`` over all processes."""
-    import torch.distributed as dist
-
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 class GradHealth(CallbackBase):
@@ -153,9 +132,9 @@ class GradHealth(CallbackBase):
         log_every_n_steps: measuring interval in optimizer steps; default the Trainer's
             ``log_every_n_steps``.
         full_every_n_steps: interval of the full spectra, histograms and pictures; default
-            20 x ``log_every_n_steps`` (at H = 1024 that keeps the full spectra under 0.5% of
-            training time on CPU); it must be a multiple of ``log_every_n_steps`` when both are
-            given, and is rounded up to one when the interval comes from the Trainer.
+            :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` x ``log_every_n_steps``; it
+            must be a multiple of ``log_every_n_steps`` when both are given, and is rounded up to
+            one when the interval comes from the Trainer.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
@@ -189,8 +168,11 @@ class GradHealth(CallbackBase):
         nonfinite_steps: optimizer steps whose gradients held NaN/Inf; ``skipped_steps``: those skipped.
         health_report: the :class:`~lightning_gradhealth.health.HealthReport` of the latest fit
             (``None`` before the end of the first fit).
-        monitor: the :class:`~lightning_gradhealth.monitor.GradHealthMonitor` that measures;
+        monitor: the :class:`~lightning_gradhealth.GradHealthMonitor` that measures;
             the attributes above, but the init ones, are its.
+        init_config, monitor.config: the settings, as
+            :class:`~lightning_gradhealth.InitConfig` and :class:`~lightning_gradhealth.MonitorConfig`;
+            every argument above is also readable as an attribute of the same name.
 
     Raises:
         ValueError: at construction, for an unknown scheme name (the message lists the valid
@@ -220,70 +202,10 @@ class GradHealth(CallbackBase):
         print(health.health_report.format())
     """
 
-
-    def __init__(
-        self,
-        init: Optional[str] = None,
-        *,
-        input_init: Optional[str] = "glorot",
-        gain: float = 1.0,
-        forget_bias: float = 1.0,
-        chrono_t_max: Optional[int] = None,
-        uniform_scale: float = 0.01,
-        linear_init: Optional[str] = None,
-        custom: Optional[dict[str, int]] = None,
-        exclude: Optional[list[str]] = None,
-        seed: Optional[int] = None,
-        timesteps: bool = True,
-        custom_cells: Optional[list[str]] = None,
-        log_every_n_steps: Optional[int] = None,
-        full_every_n_steps: Optional[int] = None,
-        vanish_below: float = 1e-3,
-        explode_above: float = 1e3,
-        horizon_factor: float = 1e3,
-        clip: Optional[Literal["norm", "value", "agc"]] = None,
-        clip_val: Optional[float] = None,
-        clip_norm_type: float = 2.0,
-        on_nonfinite: Literal["warn", "skip", "raise"] = "warn",
-    ) -> None:
-        self.init_config = InitConfig(
-            init=init,
-            input_init=input_init,
-            gain=gain,
-            forget_bias=forget_bias,
-            chrono_t_max=chrono_t_max,
-            uniform_scale=uniform_scale,
-            linear_init=linear_init,
-            custom=dict(custom) if custom else None,
-            exclude=list(exclude) if exclude else None,
-        )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
-        check_positive_int_or_none("log_every_n_steps", log_every_n_steps)
-        check_positive_int_or_none("full_every_n_steps", full_every_n_steps)
-        if log_every_n_steps and full_every_n_steps and full_every_n_steps % log_every_n_steps:
-            raise ValueError(
-                f"full_every_n_steps={full_every_n_steps} must be a multiple of log_every_n_steps={log_every_n_steps}: "
-                "full passes happen on logging steps"
-            )
-        self.monitor = GradHealthMonitor(
-            custom=self.init_config.custom,
-            timesteps=timesteps,
-            custom_cells=custom_cells,
-            log_every_n_steps=log_every_n_steps or 50,
-            full_every_n_steps=full_every_n_steps,
-            vanish_below=vanish_below,
-            explode_above=explode_above,
-            horizon_factor=horizon_factor,
-            clip=clip,
-            clip_val=clip_val,
-            clip_norm_type=clip_norm_type,
-            on_nonfinite=on_nonfinite,
-            warn=rank_zero_warn,
-        )
-        self.seed = seed
-        self.log_every_n_steps = log_every_n_steps
-        self.full_every_n_steps = full_every_n_steps
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = _SETTINGS.bind(self, *args, **kwargs).arguments
+        self.init_config = InitConfig(**settings_of(InitConfig, arguments))
+        self.monitor = GradHealthMonitor(MonitorConfig(**settings_of(MonitorConfig, arguments)), warn=rank_zero_warn)
         self.init_report: list[InitRecord] = []
         self.init_applied = False
         self.init_seed: Optional[int] = None
@@ -292,84 +214,54 @@ class GradHealth(CallbackBase):
         self._writers: list[Any] = []
         self._noticed_no_writer = False
 
-    @property
-    def clip(self) -> Optional[str]:
-        """The clipping mode (``None``, ``"norm"``, ``"value"`` or ``"agc"``)."""
-        return self.monitor.clip
+    __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
 
-    @property
-    def clip_val(self) -> Optional[float]:
-        """The clipping threshold."""
-        return self.monitor.clip_val
+    def __getattr__(self, name: str) -> Any:
+        """The settings, by name: ``health.clip_val`` is ``health.monitor.config.clip_val``."""
+        for config in (self.__dict__.get("init_config"), getattr(self.__dict__.get("monitor"), "config", None)):
+            if config is not None and name in {field.name for field in dataclasses.fields(config)}:
+                return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @property
-    def recurrent_weights(self) -> list[WeightRecord]:
-        return self.monitor.recurrent_weights
-
-    @property
-    def timestep_grad_norms(self) -> dict[str, torch.Tensor]:
-        return self.monitor.timestep_grad_norms
-
-    @property
-    def timestep_summaries(self) -> dict[str, TimestepSummary]:
-        return self.monitor.timestep_summaries
-
-    @property
-    def timestep_history(self) -> dict[str, list[tuple[int, np.ndarray]]]:
-        return self.monitor.timestep_history
-
-    @property
-    def spectra(self) -> dict[str, MatrixSpectrum]:
-        return self.monitor.spectra
-
-    @property
-    def latest_clip_stats(self) -> Optional[ClipStats]:
-        return self.monitor.latest_clip_stats
-
-    @property
-    def clip_suggester(self) -> ClipThresholdSuggester:
-        return self.monitor.clip_suggester
-
-    @property
-    def suggested_clip_val(self) -> Optional[float]:
-        """A ``clip_val`` for ``clip="norm"`` from the norms seen (Pascanu et al. 2013: about the
-        average norm over many updates); ``None`` before 100 norms were seen."""
-        return self.monitor.suggested_clip_val
-
-    @property
-    def nonfinite_steps(self) -> int:
-        return self.monitor.nonfinite_steps
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.monitor.skipped_steps
+    recurrent_weights: _FromMonitor[list[WeightRecord]] = _FromMonitor()
+    timestep_grad_norms: _FromMonitor[dict[str, torch.Tensor]] = _FromMonitor()
+    timestep_summaries: _FromMonitor[dict[str, TimestepSummary]] = _FromMonitor()
+    timestep_history: _FromMonitor[dict[str, list[tuple[int, np.ndarray]]]] = _FromMonitor()
+    spectra: _FromMonitor[dict[str, MatrixSpectrum]] = _FromMonitor()
+    latest_clip_stats: _FromMonitor[Optional[ClipStats]] = _FromMonitor()
+    clip_suggester: _FromMonitor[ClipThresholdSuggester] = _FromMonitor()
+    suggested_clip_val: _FromMonitor[Optional[float]] = _FromMonitor()
+    nonfinite_steps: _FromMonitor[int] = _FromMonitor()
+    skipped_steps: _FromMonitor[int] = _FromMonitor()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Initialize (once), attach the monitor, record the configuration and the dashboard layout."""
-        if self.clip is not None and trainer.gradient_clip_val:
+        clip, clip_val = self.monitor.config.clip, self.monitor.config.clip_val
+        if clip is not None and trainer.gradient_clip_val:
             raise ValueError(
-                f"Both GradHealth(clip={self.clip!r}, clip_val={self.clip_val}) and "
+                f"Both GradHealth(clip={clip!r}, clip_val={clip_val}) and "
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the gradients, one after "
                 "the other. Remove one: Trainer(gradient_clip_val=None), or GradHealth(clip=None) to keep "
                 "the Trainer's clipping (GradHealth then still logs the true gradient norms)."
             )
-        fsdp_root = _fsdp_root(trainer)
-        if fsdp_root is not None and self.clip in ("agc", "value"):
+        root = fsdp_root(getattr(trainer.strategy, "model", None))
+        if root is not None and clip in ("agc", "value"):
             raise ValueError(
-                f"GradHealth(clip={self.clip!r}) is not available under FSDP, where each process holds flat 1-D shards "
+                f"GradHealth(clip={clip!r}) is not available under FSDP, where each process holds flat 1-D shards "
                 "of the weights and their gradients (AGC needs whole rows; clipping by value would report one shard's "
                 "norms). Use clip='norm', whose norm GradHealth reduces over all processes."
             )
-        self.monitor.set_schedule(self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1), self.full_every_n_steps)
         step = _optimizer_steps(trainer)
         # under FSDP, find the layers and initialize on whole parameters; every rank writes the same values
-        with _full_parameters(fsdp_root, writeback=True):
+        with whole_parameters(root, writeback=True):
             # on resume the loop's step counter is restored only after on_fit_start: keep the history
-            self.monitor.attach(pl_module, None if trainer.ckpt_path is not None else step)
+            self.monitor.attach(
+                pl_module,
+                None if trainer.ckpt_path is not None else step,
+                default_log_every_n_steps=trainer.log_every_n_steps,
+                distributed=None if root is None else sharded(root),
+            )
             self._initialize(trainer, pl_module)
-        if fsdp_root is not None:
-            self.monitor.full_parameters = lambda: _full_parameters(fsdp_root)
-            self.monitor.all_reduce = _all_reduce
         self._writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
         if trainer.is_global_zero and not self._writers and not self._noticed_no_writer:
             self._noticed_no_writer = True
@@ -380,27 +272,20 @@ class GradHealth(CallbackBase):
             )
         if trainer.ckpt_path is None:  # a resumed run's log directory has them already
             for writer in self._writers:
-                writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, self.clip is not None))
-            add_text(self._writers, "gradhealth/config", config_markdown(self._configuration()), step)
+                writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, clip is not None))
+            add_text(self._writers, tags.CONFIG, config_markdown(self._configuration()), step)
 
     def _configuration(self) -> dict[str, Any]:
-        """The settings in effect, as recorded in TensorBoard."""
-        monitor = self.monitor
+        """The settings in effect, as recorded in TensorBoard: every field of both configs, with
+        the seed and the intervals as resolved, and the layers found."""
+        schedule = self.monitor.schedule
         return {
-            **{name: getattr(self.init_config, name) for name in self.init_config.__dataclass_fields__},
-            "seed": self.init_seed if self.init_applied else self.seed,
-            "timesteps": monitor.timesteps,
-            "custom_cells": monitor.custom_cells or None,
-            "log_every_n_steps": monitor.log_every_n_steps,
-            "full_every_n_steps": monitor.full_every_n_steps,
-            "vanish_below": monitor.vanish_below,
-            "explode_above": monitor.explode_above,
-            "horizon_factor": monitor.horizon_factor,
-            "clip": monitor.clip,
-            "clip_val": monitor.clip_val,
-            "clip_norm_type": monitor.clip_norm_type,
-            "on_nonfinite": monitor.on_nonfinite,
-            "layers": ", ".join(monitor.layer_keys) or None,
+            **dataclasses.asdict(self.init_config),
+            **dataclasses.asdict(self.monitor.config),
+            "seed": self.init_seed if self.init_applied else self.init_config.seed,
+            "log_every_n_steps": schedule.log_every_n_steps,
+            "full_every_n_steps": schedule.full_every_n_steps,
+            "layers": ", ".join(map(str, self.monitor.layer_keys)) or None,
         }
 
     def _initialize(self, trainer: Any, pl_module: Any) -> None:
@@ -413,9 +298,9 @@ class GradHealth(CallbackBase):
             rank_zero_info(f"GradHealth: resuming from {trainer.ckpt_path}; weights come from the checkpoint, no init.")
             self._initialized_model = weakref.ref(pl_module)  # a later fit of this model goes on from here too
             return
-        seed = self.seed if self.seed is not None else torch.initial_seed()
+        seed = self.init_config.seed if self.init_config.seed is not None else torch.initial_seed()
         seed = trainer.strategy.broadcast(seed, src=0)
-        self.init_report = apply_init_(pl_module, self.init_config, torch.Generator().manual_seed(seed))
+        self.init_report = initialize_(pl_module, self.init_config, generator=torch.Generator().manual_seed(seed))
         self.init_seed, self.init_applied = seed, True
         self._initialized_model = weakref.ref(pl_module)
         self.monitor.record_init(self.init_report)
@@ -447,24 +332,23 @@ class GradHealth(CallbackBase):
         step = _optimizer_steps(trainer)
         optimizers = trainer.optimizers
         index = next((i for i, candidate in enumerate(optimizers) if candidate is optimizer), 0)
+        scaler = _amp_scaler(trainer)
         output = self.monitor.before_optimizer_step(
             step,
             [p for group in optimizer.param_groups for p in group["params"]],
-            grad_scale=_loss_scale(trainer) if self.monitor.is_logging_step(step) else 1.0,  # no sync otherwise
-            amp_scaler_active=_amp_scaler_active(trainer),
-            pictures=bool(self._writers),
+            # the loss scale is read (one sync) on logging steps only
+            grad_scale=float(scaler.get_scale()) if scaler is not None and self.monitor.is_logging_step(step) else 1.0,
+            amp_scaler_active=scaler is not None,
             optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",
         )
-        log_scalars(trainer, output.scalars, step)
-        add_histograms(self._writers, output.histograms, step)
-        add_images(self._writers, output.images, step)
+        write_outputs(trainer.loggers, self._writers, output, step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The health report: printed on rank 0, written to TensorBoard as text, kept as :attr:`health_report`."""
         step = _optimizer_steps(trainer)
-        self.health_report = self.monitor.finish(step, amp_scaler_active=_amp_scaler_active(trainer))
+        self.health_report = self.monitor.finish(step, amp_scaler_active=_amp_scaler(trainer) is not None)
         rank_zero_info(self.health_report.format())
-        add_text(self._writers, "gradhealth/report", self.health_report.markdown(), step)
+        add_text(self._writers, tags.REPORT, self.health_report.markdown(), step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Remove every hook: after fit the model runs at full speed and pickles."""
@@ -476,7 +360,6 @@ class GradHealth(CallbackBase):
 
     def _release(self) -> None:
         self.monitor.detach()
-        self.monitor.full_parameters, self.monitor.all_reduce = nullcontext, None
         self._writers = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -488,18 +371,14 @@ class GradHealth(CallbackBase):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on where this one stopped: whether init was applied
-        (and its seed) and the monitor's state (heatmap rows, counters, clip statistics,
-        sigma_max warm starts). Tensors and plain Python values only."""
-        return {
-            "init_applied": self.init_applied,
-            "init_seed": self.init_seed,
-            "init_schemes": dict(self.monitor.init_schemes),
-            **self.monitor.state_dict(),
-        }
+        (and its seed) and the monitor's state (:meth:`GradHealthMonitor.state_dict`, with its
+        format version). Tensors and plain Python values only."""
+        return {"init_applied": self.init_applied, "init_seed": self.init_seed, **self.monitor.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; Lightning calls it before ``on_fit_start`` on resume."""
-        self.init_applied = bool(state_dict.get("init_applied", False))
-        self.init_seed = state_dict.get("init_seed")
-        self.monitor.init_schemes = dict(state_dict.get("init_schemes", {}))
-        self.monitor.load_state_dict(state_dict)
+        """Restore :meth:`state_dict` (also one written by an older or newer version: see
+        :meth:`GradHealthMonitor.load_state_dict`); Lightning calls it before ``on_fit_start`` on resume."""
+        state = dict(state_dict)
+        self.init_applied = bool(state.pop("init_applied", False))
+        self.init_seed = state.pop("init_seed", None)
+        self.monitor.load_state_dict(state)

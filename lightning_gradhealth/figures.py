@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["figure_to_array", "timestep_curve_image", "timestep_heatmap_image"]
+__all__ = ["eigenvalue_image", "figure_to_array", "timestep_curve_image", "timestep_heatmap_image"]
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:
@@ -64,4 +64,74 @@ def timestep_heatmap_image(steps: Sequence[int], rows: Sequence[np.ndarray], tit
     axes.set_title(f"{title}: log10 ||dL/dh_t||", fontsize=9)
     figure.colorbar(mesh, ax=axes)
     figure.tight_layout()
+    return figure_to_array(figure)
+
+
+def eigenvalue_image(
+    eigenvalues: Tensor,
+    gate_names: Sequence[str] = (),
+    title: str = "",
+    panel_inches: float = 2.4,
+    dpi: int = 80,
+) -> np.ndarray:
+    """The eigenvalues of each gate block on the complex plane, with the unit circle, as an RGB image.
+
+    One panel per gate block (in a row for up to 3 blocks, else 2 per row, so an LSTM's 4 stay
+    legible at TensorBoard's card size), titled with its name and spectral radius; a block whose
+    eigenvalues are not finite shows "non-finite". Drawn on a bare ``matplotlib.figure.Figure``
+    with the Agg canvas: no pyplot, no window, no change to the user's backend, nothing left
+    registered once the array is returned.
+
+    Args:
+        eigenvalues: ``[G, n]`` complex, e.g. :attr:`~lightning_gradhealth.spectra.MatrixSpectrum.eigenvalues`;
+            any device.
+        gate_names: one name per block (PyTorch's ``i, f, g, o``...); default ``block 0``, ...
+        title: a line above the panels, e.g. the layer key.
+        panel_inches: width and height of one panel.
+        dpi: pixels per inch.
+
+    Returns:
+        ``uint8`` array of shape ``(height, width, 3)`` (HWC), for TensorBoard's
+        ``add_image(tag, image, step, dataformats="HWC")``.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_gradhealth.spectra import full_spectrum
+        >>> image = eigenvalue_image(full_spectrum(torch.randn(8, 4), gates=2).eigenvalues, ("r", "z"))
+        >>> image.dtype, image.shape
+        (dtype('uint8'), (216, 384, 3))
+    """
+    values = eigenvalues.detach().cpu().numpy().astype(np.complex128)
+    names = list(gate_names) or [f"block {k}" for k in range(len(values))]
+    if len(names) != len(values):
+        raise ValueError(f"got {len(names)} gate names for {len(values)} gate blocks")
+    columns = len(values) if len(values) <= 3 else 2
+    rows = -(-len(values) // columns)
+    width, height = panel_inches * columns, panel_inches * rows + 0.3
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    # fixed margins (inches): tight_layout would double the drawing time
+    margins = {"left": 0.3 / width, "right": 1 - 0.1 / width, "bottom": 0.25 / height, "top": 1 - 0.5 / height}
+    circle = np.exp(1j * np.linspace(0.0, 2.0 * np.pi, 256))
+    panels = figure.subplots(rows, columns, squeeze=False, gridspec_kw={**margins, "wspace": 0.2, "hspace": 0.35}).ravel()
+    for axes in panels[len(values) :]:
+        axes.set_visible(False)
+    for axes, name, block_values in zip(panels, names, values):
+        axes.plot(circle.real, circle.imag, color="0.6", linewidth=0.8)
+        if np.isfinite(block_values).all():
+            radius = float(np.abs(block_values).max())
+            axes.scatter(block_values.real, block_values.imag, s=4, color="tab:blue", linewidths=0)
+            axes.set_title(f"{name}   radius {radius:.3f}", fontsize=8)
+        else:
+            radius = 0.0
+            axes.text(0.0, 0.0, "non-finite", ha="center", va="center", color="tab:red", fontsize=9)
+            axes.set_title(name, fontsize=8)
+        limit = max(1.1, 1.05 * radius)
+        axes.set_xlim(-limit, limit)
+        axes.set_ylim(-limit, limit)
+        axes.set_aspect("equal")
+        axes.set_xticks([-1.0, 0.0, 1.0])
+        axes.set_yticks([-1.0, 0.0, 1.0])
+        axes.tick_params(labelsize=6)
+    if title:
+        figure.suptitle(title, fontsize=9)
     return figure_to_array(figure)

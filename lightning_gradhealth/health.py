@@ -35,8 +35,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_gradhealth.defaults import SATURATED_TANH, SATURATING_ABOVE
+
 __all__ = [
-    "SATURATING_ABOVE",
     "VERDICTS",
     "HealthReport",
     "LayerHealth",
@@ -117,10 +118,6 @@ def diagnose_timesteps(
 
 
 VERDICTS = ("healthy", "vanishing", "exploding", "saturating", "unmeasured")
-
-SATURATING_ABOVE = 0.5
-"""A layer is ``"saturating"`` when more than this fraction of its tanh candidate units sit at
-``|tanh| > 0.99`` (see :func:`lightning_gradhealth.bptt.saturated_fraction`)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +203,8 @@ def layer_verdict(
         )
     if saturation is not None and saturation > saturating_above:
         return "saturating", (
-            f"{saturation:.0%} of tanh candidate units at |tanh| > 0.99, where the gradient through them is < 0.02x"
+            f"{saturation:.0%} of tanh candidate units at |tanh| > {SATURATED_TANH:g}, where the gradient through them "
+            f"is < {1 - SATURATED_TANH**2:.2g}x"
         )
     return "healthy", (
         f"transmission 10^{summary.transmission:+.1f} {trend}, horizon {summary.horizon} of {summary.steps}{saturated}"

@@ -5,14 +5,14 @@ a recurrent matrix too), ``nn.GRU`` with every layer and both directions; ``nn.R
 ``nn.LSTMCell`` and ``nn.GRUCell`` used in a loop; and hidden-to-hidden matrices of custom
 modules named by glob patterns over ``model.named_parameters()`` with a gate count.
 
-Layer keys follow the public contract: the module's name in ``model.named_modules()``, then
-``.l{layer}``, then ``_reverse`` for the backward direction (e.g. ``"encoder.rnn.l1_reverse"``);
-a cell, or a custom module, uses its module name.
+Each record names its layer with a :class:`~lightning_gradhealth.keys.LayerKey`: the module,
+the layer and the direction of a fused module; a cell, or a custom module, is keyed by its
+module name alone.
 
 Examples:
     >>> import torch
     >>> records = find_recurrent_weights(torch.nn.Sequential(torch.nn.GRU(4, 8)))
-    >>> [(r.layer_key, r.param_name, r.role, r.gates) for r in records][:2]
+    >>> [(str(r.layer_key), r.param_name, r.role, r.gates) for r in records][:2]
     [('0.l0', 'weight_ih_l0', 'input', ('r', 'z', 'n')), ('0.l0', 'weight_hh_l0', 'recurrent', ('r', 'z', 'n'))]
 """
 
@@ -28,6 +28,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.parametrize import is_parametrized
 
 from lightning_gradhealth.inits import Fans
+from lightning_gradhealth.keys import LayerKey
 
 __all__ = [
     "Role",
@@ -35,6 +36,7 @@ __all__ = [
     "cell_type_of",
     "find_linear_weights",
     "find_recurrent_weights",
+    "fused_layer_keys",
     "match_patterns",
     "parametrized_weights",
 ]
@@ -58,7 +60,7 @@ class WeightRecord:
     """One weight matrix or bias vector of a recurrent layer, and how it is used.
 
     Attributes:
-        layer_key: the layer/direction it belongs to, e.g. ``"encoder.rnn.l1_reverse"``.
+        layer_key: the layer/direction it belongs to (its string: e.g. ``"encoder.rnn.l1_reverse"``).
         module_name: the owning module's name in ``model.named_modules()``.
         param_name: the parameter's name inside that module, e.g. ``"weight_hh_l1_reverse"``.
         role: see :data:`Role`.
@@ -66,10 +68,12 @@ class WeightRecord:
         gates: names of the row blocks, in order (LSTM ``i, f, g, o``; GRU ``r, z, n``).
         nonlinearities: the nonlinearity that follows each gate block.
         fans: fan-in and fan-out of one gate block (the RNN fan rule for cell matrices).
-        parameter: the parameter itself.
+        tensor: the parameter itself.
+        projection: an LSTM's ``weight_hr`` (``proj_size``), a recurrent matrix that is not
+            square: it maps the cell's state to the projected output state.
     """
 
-    layer_key: str
+    layer_key: LayerKey
     module_name: str
     param_name: str
     role: Role
@@ -77,7 +81,8 @@ class WeightRecord:
     gates: tuple[str, ...]
     nonlinearities: tuple[str, ...]
     fans: Fans
-    parameter: nn.Parameter = field(compare=False, repr=False)
+    tensor: nn.Parameter = field(compare=False, repr=False)
+    projection: bool = False
 
     @property
     def full_name(self) -> str:
@@ -98,7 +103,7 @@ def cell_type_of(module: nn.Module) -> str:
 def _cell_records(
     module: nn.Module,
     module_name: str,
-    layer_key: str,
+    layer_key: LayerKey,
     suffix: str,
     input_size: int,
 ) -> list[WeightRecord]:
@@ -121,9 +126,8 @@ def _cell_records(
         name = prefix + suffix
         if name not in params:
             return []
-        return [
-            WeightRecord(layer_key, module_name, name, role, cell_type, *gate_info, fans, params[name])
-        ]
+        projection = prefix == "weight_hr"
+        return [WeightRecord(layer_key, module_name, name, role, cell_type, *gate_info, fans, params[name], projection)]
 
     return [
         *record("weight_ih", "input", cell_fans),
@@ -134,32 +138,25 @@ def _cell_records(
     ]
 
 
-def layer_key(module_name: str, layer: str) -> str:
-    """The public key of one layer/direction (``"l1_reverse"``) of the module named ``module_name``.
+def fused_layer_keys(module_name: str, module: nn.RNNBase) -> list[LayerKey]:
+    """The keys of every layer and direction of a fused ``nn.RNN``/``nn.LSTM``/``nn.GRU``, in PyTorch's order.
 
     Examples:
-        >>> layer_key("encoder.rnn", "l1_reverse"), layer_key("", "l0")
-        ('encoder.rnn.l1_reverse', 'l0')
+        >>> [str(key) for key in fused_layer_keys("rnn", nn.GRU(2, 3, num_layers=2, bidirectional=True))]
+        ['rnn.l0', 'rnn.l0_reverse', 'rnn.l1', 'rnn.l1_reverse']
     """
-    return f"{module_name}.{layer}" if module_name else layer
-
-
-def fused_layer_keys(module_name: str, module: nn.RNNBase) -> list[str]:
-    """The keys of every layer and direction of a fused ``nn.RNN``/``nn.LSTM``/``nn.GRU``, in PyTorch's order."""
-    directions = ("", "_reverse") if module.bidirectional else ("",)
-    return [layer_key(module_name, f"l{layer}{direction}") for layer in range(module.num_layers) for direction in directions]
+    directions = (False, True) if module.bidirectional else (False,)
+    return [LayerKey(module_name, layer, reverse) for layer in range(module.num_layers) for reverse in directions]
 
 
 def _fused_records(module: nn.RNNBase, module_name: str) -> list[WeightRecord]:
     """Records of every layer and direction of an ``nn.RNN``/``nn.LSTM``/``nn.GRU``."""
-    directions = ("", "_reverse") if module.bidirectional else ("",)
-    output_width = (module.proj_size or module.hidden_size) * len(directions)
+    output_width = (module.proj_size or module.hidden_size) * (2 if module.bidirectional else 1)
     records: list[WeightRecord] = []
-    for layer in range(module.num_layers):
-        input_size = module.input_size if layer == 0 else output_width
-        for direction in directions:
-            suffix = f"_l{layer}{direction}"
-            records += _cell_records(module, module_name, layer_key(module_name, suffix[1:]), suffix, input_size)
+    for key in fused_layer_keys(module_name, module):
+        input_size = module.input_size if key.layer == 0 else output_width
+        suffix = f"_l{key.layer}" + ("_reverse" if key.reverse else "")
+        records += _cell_records(module, module_name, key, suffix, input_size)
     return records
 
 
@@ -207,11 +204,11 @@ def _custom_records(
     records = []
     for name, gates in chosen.items():
         module_name, _, param_name = name.rpartition(".")
-        layer_key = module_name if owners[module_name] == 1 and module_name else name
+        key = LayerKey(module_name if owners[module_name] == 1 and module_name else name)
         weight = all_params[name]
         records.append(
             WeightRecord(
-                layer_key,
+                key,
                 module_name,
                 param_name,
                 "recurrent",
@@ -244,7 +241,7 @@ def find_recurrent_weights(
         if isinstance(module, nn.RNNBase):
             records += _fused_records(module, module_name)
         elif isinstance(module, nn.RNNCellBase):
-            records += _cell_records(module, module_name, module_name, "", module.input_size)
+            records += _cell_records(module, module_name, LayerKey(module_name), "", module.input_size)
     if custom:
         records += _custom_records(model, custom, {record.full_name for record in records})
     return records
@@ -280,6 +277,6 @@ def find_linear_weights(model: nn.Module) -> list[WeightRecord]:
         for param_name, param in module.named_parameters(recurse=False):
             role: Role = "linear" if param_name == "weight" else "bias"
             records.append(
-                WeightRecord(module_name, module_name, param_name, role, "linear", ("w",), ("relu",), fans, param)
+                WeightRecord(LayerKey(module_name), module_name, param_name, role, "linear", ("w",), ("relu",), fans, param)
             )
     return records

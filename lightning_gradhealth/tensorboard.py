@@ -4,7 +4,8 @@ Scalars go through ``logger.log_metrics(metrics, step)`` on each of ``trainer.lo
 Lightning's own monitors do (``self.log`` is forbidden in some hooks and takes scalars only).
 Histograms and images need a TensorBoard ``SummaryWriter``: that is ``logger.experiment`` of a
 ``TensorBoardLogger`` from either Lightning namespace (on non-zero ranks Lightning hands out a
-no-op stand-in, so only rank 0 writes).
+no-op stand-in, so only rank 0 writes). Pictures arrive as data
+(:class:`~lightning_gradhealth.output.Picture`) and are drawn here, only when a writer takes them.
 
 :func:`custom_scalars_layout` arranges the key charts on TensorBoard's "Custom Scalars" page;
 :func:`write_step_output` writes a monitor's output to a plain ``SummaryWriter`` (loops without
@@ -13,26 +14,16 @@ Lightning).
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import pytorch_lightning.loggers
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_gradhealth.monitor import StepOutput
+from lightning_gradhealth import tags
+from lightning_gradhealth.keys import LayerKey
+from lightning_gradhealth.output import Picture, StepOutput
 
-__all__ = [
-    "add_histograms",
-    "add_images",
-    "add_text",
-    "config_markdown",
-    "custom_scalars_layout",
-    "log_scalars",
-    "tensorboard_writers",
-    "write_step_output",
-]
+__all__ = ["write_step_output"]
 
 _TENSORBOARD_LOGGERS: tuple[type, ...] = (pytorch_lightning.loggers.TensorBoardLogger,)
 try:
@@ -48,18 +39,21 @@ def tensorboard_writers(trainer: Any) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
 
 
-def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
-    """Send plain-float scalars to every logger of ``trainer`` at ``step``."""
+def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
+    """Send plain-float scalars to every Lightning logger at ``step``."""
     if not metrics:
         return
-    for logger in trainer.loggers:
+    for logger in loggers:
         logger.log_metrics(dict(metrics), step=step)
 
 
-def add_images(writers: list[Any], images: Mapping[str, np.ndarray], step: int) -> None:
-    """Write ``(H, W, 3)`` uint8 images to every writer."""
-    for writer in writers:
-        for tag, image in images.items():
+def add_pictures(writers: list[Any], pictures: Mapping[str, Picture], step: int) -> None:
+    """Draw each picture once (only if there is a writer) and write it to every writer."""
+    if not writers:
+        return
+    for tag, picture in pictures.items():
+        image = picture.render()
+        for writer in writers:
             writer.add_image(tag, image, step, dataformats="HWC")
 
 
@@ -79,16 +73,24 @@ def add_text(writers: list[Any], tag: str, markdown: str, step: int) -> None:
         writer.add_text(tag, markdown, step)
 
 
-def write_step_output(writer: Any, output: "StepOutput", step: int) -> None:
-    """Write a :class:`~lightning_gradhealth.monitor.StepOutput` to a ``SummaryWriter``:
+def write_step_output(writer: Any, output: StepOutput, step: int) -> None:
+    """Write a :class:`~lightning_gradhealth.StepOutput` to a ``SummaryWriter``:
     scalars, histograms and pictures, under the same tags the callback uses."""
     for tag, value in output.scalars.items():
         writer.add_scalar(tag, value, step)
     add_histograms([writer], output.histograms, step)
-    add_images([writer], output.images, step)
+    add_pictures([writer], output.pictures, step)
 
 
-def custom_scalars_layout(layer_keys: Sequence[str], clipping: bool) -> dict[str, dict[str, list[Any]]]:
+def write_outputs(loggers: Iterable[Any], writers: list[Any], output: StepOutput, step: int) -> None:
+    """The callback's way out: scalars to every Lightning logger, histograms and pictures to the
+    TensorBoard writers among them."""
+    log_scalars(loggers, output.scalars, step)
+    add_histograms(writers, output.histograms, step)
+    add_pictures(writers, output.pictures, step)
+
+
+def custom_scalars_layout(layer_keys: Sequence[LayerKey], clipping: bool) -> dict[str, dict[str, list[Any]]]:
     """The "Custom Scalars" page: one category per recurrent layer and one for gradient norms.
 
     Per layer: transmission, horizon, the spectral radius of every gate block, and sigma_max of
@@ -97,7 +99,7 @@ def custom_scalars_layout(layer_keys: Sequence[str], clipping: bool) -> dict[str
     The result is the ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
 
     Examples:
-        >>> layout = custom_scalars_layout(["rnn.l0"], clipping=False)
+        >>> layout = custom_scalars_layout([LayerKey("rnn", 0)], clipping=False)
         >>> list(layout)
         ['gradhealth rnn.l0', 'gradhealth gradient norms']
         >>> chart_type, tag_patterns = layout["gradhealth rnn.l0"]["spectral radius per gate"]
@@ -106,18 +108,19 @@ def custom_scalars_layout(layer_keys: Sequence[str], clipping: bool) -> dict[str
     """
     layout: dict[str, dict[str, list[Any]]] = {}
     for key in layer_keys:
-        prefix = "^gradhealth/" + re.escape(key)
-        layout[f"gradhealth {key}"] = {
-            "transmission (decades, last step back to first)": ["Multiline", [prefix + "/transmission$"]],
-            "horizon (steps that keep gradient)": ["Multiline", [prefix + "/horizon$"]],
-            "spectral radius per gate": ["Multiline", [prefix + "/[^/]+/spectral_radius$"]],
-            "sigma_max per gate": ["Multiline", [prefix + "/[^/]+/sigma_max$"]],
+        layout[f"{tags.ROOT} {key}"] = {
+            "transmission (decades, last step back to first)": ["Multiline", [tags.layer_pattern(key, "transmission")]],
+            "horizon (steps that keep gradient)": ["Multiline", [tags.layer_pattern(key, "horizon")]],
+            "spectral radius per gate": ["Multiline", [tags.gate_pattern(key, "spectral_radius")]],
+            "sigma_max per gate": ["Multiline", [tags.gate_pattern(key, "sigma_max")]],
         }
-    norms = {"gradient norm" + (" before / after clipping" if clipping else ""): ["Multiline", ["^gradhealth/grad_norm/"]]}
+    norms = {
+        "gradient norm" + (" before / after clipping" if clipping else ""): ["Multiline", [tags.section_pattern("grad_norm")]]
+    }
     if clipping:
-        norms["clip coefficient and clipped fraction"] = ["Multiline", ["^gradhealth/clip/"]]
-    norms["non-finite gradient steps"] = ["Multiline", ["^gradhealth/nonfinite/"]]
-    layout["gradhealth gradient norms"] = norms
+        norms["clip coefficient and clipped fraction"] = ["Multiline", [tags.section_pattern("clip")]]
+    norms["non-finite gradient steps"] = ["Multiline", [tags.section_pattern("nonfinite")]]
+    layout[f"{tags.ROOT} gradient norms"] = norms
     return layout
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from lightning_gradhealth.bptt import TimestepProbe, reverse_padded
+from lightning_gradhealth.bptt import BACKWARD_BY_CELL_TYPE, CellWeights, backward_through_time, reverse_padded
+from lightning_gradhealth.probe import TimestepProbe
 from reference_rnn import reference_norms, unrolled
 
 LAYERS = {
@@ -67,7 +68,7 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
         output = output.transpose(0, 1)
     torch.testing.assert_close(output, ref_out, atol=1e-5, rtol=1e-5)  # the reference is the same network
     _loss(output, h_n, c_n, through).backward()
-    norms = probe.compute()
+    norms = probe.compute().norms_by_name
     probe.detach()
 
     expected_keys = {f"enc.l{layer}" + s for layer in range(num_layers) for s in (["", "_reverse"] if bidirectional else [""])}
@@ -122,7 +123,7 @@ def test_irnn_with_identity_recurrence_passes_the_gradient_unchanged():
     probe.arm()
     output, _ = rnn(torch.rand(50, 4, 3) + 0.1)
     (output[-1] * torch.arange(1.0, 7.0)).sum().backward()
-    norms = probe.compute()["irnn.l0"]
+    norms = probe.compute().norms_by_name["irnn.l0"]
     torch.testing.assert_close(norms, torch.full((50,), norms[0].item()), rtol=1e-6, atol=0)
 
 
@@ -137,7 +138,7 @@ def test_unbatched_input():
     probe.attach()
     probe.arm()
     (gru(x)[0] ** 2).sum().backward()
-    torch.testing.assert_close(probe.compute()["g.l0"], reference_norms(states["l0"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(probe.compute().norms_by_name["g.l0"], reference_norms(states["l0"]), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("cell_class", [nn.RNNCell, nn.LSTMCell, nn.GRUCell])
@@ -160,7 +161,7 @@ def test_cells_in_a_user_loop_match_the_unrolled_reference(cell_class):
         outputs.append(h)
     (outputs[-1] ** 2).sum().backward(retain_graph=True)
     (outputs[2] * 3).sum().backward()
-    norms = probe.compute()
+    norms = probe.compute().norms_by_name
     torch.testing.assert_close(norms["decoder.cell"], reference_norms(states["l0"]), rtol=1e-5, atol=0)
     if c0 is not None:
         torch.testing.assert_close(norms["decoder.cell.cell"], reference_norms(cells["l0"]), rtol=1e-5, atol=0)
@@ -186,7 +187,7 @@ def test_custom_marked_cell_returning_a_tuple():
         h.retain_grad()
         retained.append(h)
     h.pow(2).sum().backward()
-    norms = probe.compute()
+    norms = probe.compute().norms_by_name
     torch.testing.assert_close(norms["mine"], torch.stack([t.grad.norm() for t in retained]))
     assert "mine.inner" in norms  # the built-in cell inside is measured too
 
@@ -206,7 +207,7 @@ def test_grad_scale_divides_the_norms():
         probe.attach()
         probe.arm()
         (lstm(x)[0].sum() * scale).backward()
-        norms.append(probe.compute(grad_scale=scale)["rnn.l0"])
+        norms.append(probe.compute(grad_scale=scale).norms_by_name["rnn.l0"])
     torch.testing.assert_close(norms[0], norms[1])
 
 
@@ -232,3 +233,12 @@ def test_reverse_padded_is_its_own_inverse_on_valid_steps():
     twice = reverse_padded(reverse_padded(x, lengths), lengths)
     valid = (torch.arange(6)[:, None] < lengths[None])[..., None]
     torch.testing.assert_close(twice, x * valid)
+
+
+def test_one_backward_function_per_cell_type_and_unknown_types_are_named():
+    assert set(BACKWARD_BY_CELL_TYPE) == {"rnn_tanh", "rnn_relu", "gru", "lstm"}
+    weights = CellWeights(torch.zeros(5, 4), torch.zeros(5, 5))
+    x, states = torch.zeros(3, 2, 4), torch.zeros(3, 2, 5)
+    with pytest.raises(ValueError, match="unknown cell type 'lstm_peephole'") as raised:
+        backward_through_time("lstm_peephole", weights, x, states, torch.zeros(2, 5), states)
+    assert all(repr(cell_type) in str(raised.value) for cell_type in ("rnn_tanh", "rnn_relu", "gru", "lstm"))

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import PLManualSequenceModel, PLSequenceModel, trainer_kwargs
 from lightning_gradhealth import GradHealth
-from lightning_gradhealth.callback import NonFiniteGradientError
+from lightning_gradhealth import NonFiniteGradientError
 
 
 class GradsBeforeStep(pytorch_lightning.Callback):

@@ -3,6 +3,7 @@ hand, and the report of a real fit against numpy, torch's clipping and TensorBoa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -16,8 +17,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import PLSequenceModel, tensorboard_events, trainer_kwargs
 from lightning_gradhealth import GradHealth
-from lightning_gradhealth.bptt import TimestepProbe
 from lightning_gradhealth.health import layer_verdict, summarize_timesteps
+from lightning_gradhealth.keys import LayerKey
+from lightning_gradhealth.probe import TimestepProbe
 
 
 @pytest.mark.parametrize(
@@ -65,13 +67,13 @@ def test_saturation_equals_the_fraction_of_saturated_candidates_computed_by_hand
     probe.arm()
     output, _ = layer(x)
     output.sum().backward()
-    probe.compute()
+    result = probe.compute()
     probe.detach()
     with torch.no_grad():
         candidates = output if cell == "rnn_tanh" else _candidate_by_hand(layer, x)
     expected = float((candidates.abs() > 0.99).double().mean())
     assert 0.05 < expected < 0.95
-    assert probe.saturation["rnn.l0"] == pytest.approx(expected, abs=1e-7)
+    assert result.saturation[LayerKey("rnn", 0)] == pytest.approx(expected, abs=1e-7)
 
 
 def test_saturation_of_packed_sequences_counts_valid_steps_only():
@@ -85,11 +87,11 @@ def test_saturation_of_packed_sequences_counts_valid_steps_only():
     probe.arm()
     output, _ = layer(pack_padded_sequence(x, lengths))
     output.data.sum().backward()
-    probe.compute()
+    result = probe.compute()
     probe.detach()
     with torch.no_grad():
         states = torch.cat([layer(x[: int(n), b : b + 1])[0] for b, n in enumerate(lengths)])
-    assert probe.saturation["rnn.l0"] == pytest.approx(float((states.abs() > 0.99).double().mean()), abs=1e-7)
+    assert result.saturation[LayerKey("rnn", 0)] == pytest.approx(float((states.abs() > 0.99).double().mean()), abs=1e-7)
 
 
 def _rnn() -> nn.Module:
@@ -178,6 +180,6 @@ def test_a_new_run_with_the_same_callback_reports_only_its_own_steps():
     health = GradHealth(clip="norm", clip_val=1e-6)
     pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=4)).fit(PLSequenceModel())
     assert health.monitor.clip_steps == 4
-    health.monitor.clip_val = 1e9  # the second run never clips
+    health.monitor.config = dataclasses.replace(health.monitor.config, clip_val=1e9)  # the second run never clips
     pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3)).fit(PLSequenceModel())
     assert health.monitor.clip_steps == 3 and health.health_report.clipped_fraction == 0.0

@@ -119,7 +119,7 @@ def test_the_heatmap_history_is_thinned_keeping_the_first_and_the_newest_rows():
     torch.manual_seed(0)
     model = Regressor()
     monitor = GradHealthMonitor(log_every_n_steps=1)
-    monitor.history_size = 4
+    monitor.timestep_tracker.history_size = 4
     monitor.attach(model)
     for step, (x, y) in enumerate(_batches(9)):
         monitor.start_step(step)
@@ -129,5 +129,5 @@ def test_the_heatmap_history_is_thinned_keeping_the_first_and_the_newest_rows():
         monitor.before_optimizer_step(step, list(model.parameters()))
         model.zero_grad()
         steps = [row_step for row_step, _ in monitor.timestep_history["rnn.l0"]]
-        assert steps[0] == 0 and steps[-1] == step and len(steps) <= monitor.history_size
+        assert steps[0] == 0 and steps[-1] == step and len(steps) <= monitor.timestep_tracker.history_size
     monitor.detach()

@@ -9,11 +9,11 @@ import pytest
 import torch
 from matplotlib import pyplot
 
+from lightning_gradhealth.figures import eigenvalue_image
 from lightning_gradhealth.inits import orthogonal_
 from lightning_gradhealth.spectra import (
     SigmaMaxState,
     SigmaMaxTracker,
-    eigenvalue_image,
     estimate_sigma_max,
     full_spectrum,
 )

@@ -8,7 +8,8 @@ setting both to 1 would give an effective bias of 2), or chrono-initialized (Tal
 ``linear_init`` is given.
 
 This is the code :class:`~lightning_gradhealth.GradHealth` runs at the start of fit; without
-Lightning, call :func:`initialize_` directly.
+Lightning, call :func:`initialize_` directly. (The schemes themselves, on single tensors, are in
+:mod:`lightning_gradhealth.inits`.)
 
 Examples:
     >>> import torch
@@ -22,13 +23,14 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, is_finite_number
 from lightning_gradhealth.inits import init_scheme_, resolve_scheme
+from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import (
     Role,
     WeightRecord,
@@ -37,7 +39,7 @@ from lightning_gradhealth.layers import (
     match_patterns,
 )
 
-__all__ = ["InitConfig", "InitRecord", "apply_init_", "format_init_report", "initialize_"]
+__all__ = ["InitConfig", "InitRecord", "format_init_report", "initialize_"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,14 @@ class InitConfig:
             gate count, e.g. ``{"decoder.cell.W_hh": 4}``.
         exclude: glob patterns over module or parameter names whose weights are left as they
             are, e.g. weights loaded before fit: ``["encoder.*"]``.
+        seed: seed of the init draws when no generator is given; ``None``: the global RNG
+            (:class:`~lightning_gradhealth.GradHealth` then uses ``torch.initial_seed()``).
 
     Raises:
         ValueError: unknown scheme names (with the valid names and the closest match), a
             non-positive or non-finite gain or scale, a non-finite forget bias, ``chrono_t_max``
-            below 2, a gate count below 1, an empty pattern, or recurrent options given
-            without ``init``.
+            below 2, a gate count below 1, an empty pattern, a seed outside ``[0, 2**63)``, or
+            recurrent options given without ``init``.
     """
 
     init: Optional[str] = None
@@ -75,8 +79,9 @@ class InitConfig:
     chrono_t_max: Optional[int] = None
     uniform_scale: float = 0.01
     linear_init: Optional[str] = None
-    custom: Optional[Mapping[str, int]] = None
-    exclude: Optional[Sequence[str]] = None
+    custom: Optional[dict[str, int]] = None
+    exclude: Optional[list[str]] = None
+    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "init", resolve_scheme(self.init, "init"))
@@ -100,6 +105,11 @@ class InitConfig:
             if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
                 raise ValueError(f"custom pattern {pattern!r}: the gate count must be an integer >= 1, got {gates!r}")
         check_pattern_list("exclude", self.exclude)
+        object.__setattr__(self, "custom", dict(self.custom) if self.custom else None)
+        object.__setattr__(self, "exclude", list(self.exclude) if self.exclude else None)
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
 
     @property
     def changes_weights(self) -> bool:
@@ -109,13 +119,23 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class InitRecord:
-    """What initialization did to one parameter (one row of the init report)."""
+    """What initialization did to one parameter (one row of the init report).
 
-    layer_key: str
+    Attributes:
+        layer_key: the layer/direction the parameter belongs to.
+        parameter: the parameter's name in ``model.named_parameters()``.
+        role: ``"recurrent"``, ``"input"``, ``"bias"`` or ``"linear"``.
+        gates: names of its gate blocks.
+        scheme: what was written, in words (e.g. ``"orthogonal"``, ``"zeros, forget gate 1"``).
+        projection: the parameter is an LSTM's projection ``weight_hr``.
+    """
+
+    layer_key: LayerKey
     parameter: str
     role: Role
     gates: tuple[str, ...]
     scheme: str
+    projection: bool = False
 
 
 def _scheme_text(scheme: str, record: WeightRecord, gain: float, uniform_scale: float) -> str:
@@ -132,7 +152,7 @@ def _scheme_text(scheme: str, record: WeightRecord, gain: float, uniform_scale: 
 
 def _init_bias_(record: WeightRecord, config: InitConfig, generator: Optional[torch.Generator]) -> str:
     """Zero a bias vector; for an LSTM's ``bias_ih``, set the forget (and chrono input) gate."""
-    bias: Tensor = record.parameter
+    bias: Tensor = record.tensor
     with torch.no_grad():
         bias.zero_()
         if record.cell_type != "lstm" or not record.param_name.startswith("bias_ih"):
@@ -154,7 +174,7 @@ def _excluded(records: list[WeightRecord], exclude: Sequence[str]) -> set[str]:
     Raises:
         ValueError: a pattern matches none of the weights that would be initialized.
     """
-    names_of = {r.full_name: {r.full_name, r.module_name, r.layer_key} for r in records}
+    names_of = {r.full_name: {r.full_name, r.module_name, str(r.layer_key)} for r in records}
     for pattern, matched in match_patterns(exclude, set().union(*names_of.values())).items():
         if not matched:
             raise ValueError(
@@ -168,14 +188,45 @@ def _excluded(records: list[WeightRecord], exclude: Sequence[str]) -> set[str]:
     }
 
 
-def apply_init_(
-    model: nn.Module, config: InitConfig, generator: Optional[torch.Generator] = None
+def initialize_(
+    model: nn.Module,
+    init: Union[str, InitConfig, None] = "orthogonal",
+    *,
+    generator: Optional[torch.Generator] = None,
+    **options: Any,
 ) -> list[InitRecord]:
-    """Initialize ``model`` in place as ``config`` says; return one :class:`InitRecord` per parameter.
+    """Initialize every recurrent layer of ``model`` in place; return one :class:`InitRecord` per parameter written.
 
     Writes happen under ``torch.no_grad()`` with ``copy_``, so parameters keep their storage
     (cuDNN's flattened weight buffer stays valid) and their device and dtype.
+
+    Args:
+        model: any module tree holding ``nn.RNN``/``LSTM``/``GRU`` layers or ``nn.*Cell`` cells.
+        init: scheme of the hidden-to-hidden matrices, or a whole :class:`InitConfig`.
+        generator: a CPU generator for reproducible weights (default: one seeded with the
+            config's ``seed`` if it has one, else the global RNG).
+        **options: the other fields of :class:`InitConfig` (``input_init``, ``gain``,
+            ``forget_bias``, ``chrono_t_max``, ``uniform_scale``, ``linear_init``, ``custom``,
+            ``exclude``, ``seed``) when ``init`` is a scheme name.
+
+    Raises:
+        ValueError: invalid options (see :class:`InitConfig`), or a ``custom`` or ``exclude``
+            pattern that matches nothing.
+        TypeError: options given together with an :class:`InitConfig`.
+
+    Examples:
+        >>> gru = torch.nn.GRU(4, 8, bidirectional=True)
+        >>> [r.parameter for r in initialize_(gru, "identity")][:2]
+        ['weight_ih_l0', 'weight_hh_l0']
     """
+    if isinstance(init, InitConfig):
+        if options:
+            raise TypeError(f"initialize_ takes either an InitConfig or options, got both ({', '.join(options)})")
+        config = init
+    else:
+        config = InitConfig(init=init, **options)
+    if generator is None and config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
     targets: list[tuple[WeightRecord, Optional[str]]] = []
     if config.init is not None:
         for record in find_recurrent_weights(model, config.custom):
@@ -197,7 +248,7 @@ def apply_init_(
         else:
             gain = config.gain if record.role == "recurrent" else 1.0
             init_scheme_(
-                record.parameter,
+                record.tensor,
                 scheme,
                 gain=gain,
                 gates=len(record.gates),
@@ -207,43 +258,15 @@ def apply_init_(
                 generator=generator,
             )
             text = _scheme_text(scheme, record, gain, config.uniform_scale)
-        report.append(InitRecord(record.layer_key, record.full_name, record.role, record.gates, text))
+        report.append(InitRecord(record.layer_key, record.full_name, record.role, record.gates, text, record.projection))
     return report
-
-
-def initialize_(
-    model: nn.Module,
-    init: Optional[str] = "orthogonal",
-    *,
-    generator: Optional[torch.Generator] = None,
-    **options: object,
-) -> list[InitRecord]:
-    """Initialize every recurrent layer of ``model`` without Lightning.
-
-    Args:
-        model: any module tree holding ``nn.RNN``/``LSTM``/``GRU`` layers or ``nn.*Cell`` cells.
-        init: scheme of the hidden-to-hidden matrices.
-        generator: a CPU generator for reproducible weights.
-        **options: the other fields of :class:`InitConfig` (``input_init``, ``gain``,
-            ``forget_bias``, ``chrono_t_max``, ``uniform_scale``, ``linear_init``, ``custom``,
-            ``exclude``).
-
-    Returns:
-        One :class:`InitRecord` per parameter written.
-
-    Examples:
-        >>> gru = torch.nn.GRU(4, 8, bidirectional=True)
-        >>> [r.parameter for r in initialize_(gru, "identity")][:2]
-        ['weight_ih_l0', 'weight_hh_l0']
-    """
-    return apply_init_(model, InitConfig(init=init, **options), generator)  # type: ignore[arg-type]
 
 
 def format_init_report(report: Sequence[InitRecord]) -> str:
     """The init report as a fixed-width text table, one row per parameter."""
     header = ("layer", "parameter", "role", "gates", "scheme")
     rows = [header] + [
-        (r.layer_key, r.parameter.rpartition(".")[2], r.role, ",".join(r.gates), r.scheme) for r in report
+        (str(r.layer_key), r.parameter.rpartition(".")[2], r.role, ",".join(r.gates), r.scheme) for r in report
     ]
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,149 @@
+"""Settings, declared once: what the engine measures and how it clips, and the flat signature
+of the callback derived from the settings' declarations.
+
+Each group of settings is a frozen dataclass that checks itself at construction:
+:class:`~lightning_gradhealth.model_init.InitConfig` (what init writes) and :class:`MonitorConfig`
+(what is measured, when, and what happens to the gradients). ``GradHealth``'s keyword signature,
+which users and LightningCLI's YAML rely on, is built from their fields by
+:func:`flat_signature`, and the configuration text in TensorBoard lists the same fields: a new
+setting is written in its dataclass, where it is used, and in the docs.
+
+Examples:
+    >>> config = MonitorConfig(clip="norm", clip_val=1.0)
+    >>> config.log_every_n_steps is None        # resolved at attach time (the Trainer's interval)
+    True
+    >>> MonitorConfig(on_nonfinite="ignore")
+    Traceback (most recent call last):
+    ...
+    ValueError: on_nonfinite must be one of 'warn', 'skip', 'raise', got 'ignore'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional
+
+from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, check_positive_int_or_none
+from lightning_gradhealth.clipping import validate_clip_args
+
+__all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "settings_of"]
+
+NONFINITE_POLICIES = ("warn", "skip", "raise")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What :class:`~lightning_gradhealth.GradHealthMonitor` measures, when, and what it does to gradients.
+
+    Args:
+        custom: hidden-to-hidden matrices of your own modules: glob pattern over parameter
+            names -> gate count (blocks stacked along dim 0), e.g. ``{"cell.W_hh": 4}``.
+        timesteps: measure per-timestep gradient norms (``False``: never attach a hook).
+        custom_cells: glob patterns over module names of your own cells, modules your loop
+            calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
+        log_every_n_steps: measuring interval in optimizer steps; ``None``: the interval
+            given at attach time (the Trainer's ``log_every_n_steps`` under Lightning, else
+            :data:`~lightning_gradhealth.defaults.DEFAULT_LOG_EVERY_N_STEPS`).
+        full_every_n_steps: interval of the full spectra, histograms and pictures; default
+            :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` x the logging interval. Full
+            passes happen on logging steps, so it must be a multiple of ``log_every_n_steps``
+            when both are given; against an interval resolved at attach time it is rounded up
+            to the next multiple.
+        vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
+        explode_above: warn (once per layer) when that ratio rises above this.
+        horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
+        clip: ``None``, ``"norm"`` (global norm, Pascanu et al. 2013), ``"value"``
+            (element-wise) or ``"agc"`` (adaptive, unit-wise, Brock et al. 2021).
+        clip_val: the threshold: max total norm, max absolute value, or AGC's lambda.
+        clip_norm_type: the p of the norms (``float("inf")`` for the max-norm).
+        on_nonfinite: what a step with a NaN/Inf gradient does: ``"warn"``, ``"skip"`` or ``"raise"``.
+
+    Raises:
+        ValueError: an invalid interval, threshold, pattern, clip setting or policy.
+    """
+
+    custom: Optional[dict[str, int]] = None
+    timesteps: bool = True
+    custom_cells: Optional[list[str]] = None
+    log_every_n_steps: Optional[int] = None
+    full_every_n_steps: Optional[int] = None
+    vanish_below: float = 1e-3
+    explode_above: float = 1e3
+    horizon_factor: float = 1e3
+    clip: Optional[Literal["norm", "value", "agc"]] = None
+    clip_val: Optional[float] = None
+    clip_norm_type: float = 2.0
+    on_nonfinite: Literal["warn", "skip", "raise"] = "warn"
+
+    def __post_init__(self) -> None:
+        for name in ("vanish_below", "explode_above", "horizon_factor"):
+            check_positive_finite(name, getattr(self, name))
+        check_pattern_list("custom_cells", self.custom_cells)
+        check_positive_int_or_none("log_every_n_steps", self.log_every_n_steps)
+        check_positive_int_or_none("full_every_n_steps", self.full_every_n_steps)
+        if self.log_every_n_steps and self.full_every_n_steps and self.full_every_n_steps % self.log_every_n_steps:
+            raise ValueError(
+                f"full_every_n_steps={self.full_every_n_steps} must be a multiple of "
+                f"log_every_n_steps={self.log_every_n_steps}: full passes happen on logging steps"
+            )
+        clip, clip_val, clip_norm_type = validate_clip_args(self.clip, self.clip_val, self.clip_norm_type)
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"on_nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {self.on_nonfinite!r}"
+            )
+        for name, value in (
+            ("clip", clip),
+            ("clip_val", clip_val),
+            ("clip_norm_type", clip_norm_type),
+            ("custom", dict(self.custom) if self.custom else None),
+            ("custom_cells", list(self.custom_cells) if self.custom_cells else None),
+        ):
+            object.__setattr__(self, name, value)
+
+
+def _fields(*configs: type) -> dict[str, tuple[Any, Any]]:
+    """Name -> (type, default) of every field of ``configs`` in order; a field that two of them
+    share (same name, same type and default) once."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for config in configs:
+        hints = typing.get_type_hints(config)
+        for field in dataclasses.fields(config):
+            declared = (hints[field.name], field.default)
+            if fields.setdefault(field.name, declared) != declared:
+                raise TypeError(f"{config.__name__}.{field.name} differs from the field of the same name before it")
+    return fields
+
+
+def flat_signature(*configs: type, positional: tuple[str, ...] = (), method: bool = False) -> inspect.Signature:
+    """One keyword signature with every field of the dataclasses ``configs`` (types and defaults
+    as declared; ``positional`` names may also be passed by position; ``method``: ``self``
+    first), for a constructor that takes them all flat, as LightningCLI reads it.
+
+    Examples:
+        >>> from lightning_gradhealth.model_init import InitConfig
+        >>> signature = flat_signature(InitConfig, MonitorConfig, positional=("init",))
+        >>> str(signature).startswith("(init: Optional[str] = None, *, input_init: Optional[str] = 'glorot'")
+        True
+    """
+    parameters = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD if name in positional else inspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=annotation,
+        )
+        for name, (annotation, default) in _fields(*configs).items()
+    ]
+    parameters.sort(key=lambda parameter: parameter.kind)  # positional first, in their order
+    if method:
+        parameters.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def settings_of(config: type, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``arguments`` that are fields of the dataclass ``config``."""
+    names = {field.name for field in dataclasses.fields(config)}
+    return {name: value for name, value in arguments.items() if name in names}

@@ -1,0 +1,46 @@
+"""The numbers that decide what GradHealth measures and when, in one place.
+
+Every threshold and interval the package uses by default is named here, with its reason;
+docstrings elsewhere refer to these names instead of repeating the values.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CLIP_SUGGESTION_MIN_NORMS",
+    "DEFAULT_LOG_EVERY_N_STEPS",
+    "FULL_EVERY_N_LOGS",
+    "HISTORY_SIZE",
+    "SATURATED_TANH",
+    "SATURATING_ABOVE",
+]
+
+DEFAULT_LOG_EVERY_N_STEPS = 50
+"""Measuring interval in optimizer steps when neither the user nor the Trainer gives one
+(Lightning's own default ``log_every_n_steps``)."""
+
+FULL_EVERY_N_LOGS = 20
+"""Full passes (every singular value and eigenvalue, histograms, pictures) happen every this many
+logging steps by default: the full decompositions cost far more than the warm-started sigma_max
+iteration of the other logging steps (``benchmarks/spectra.py`` measures both)."""
+
+HISTORY_SIZE = 256
+"""Rows of the per-timestep heatmap kept per layer; beyond it every other older row is dropped,
+so the heatmap spans the whole run at a coarser resolution and stays bounded in memory."""
+
+SATURATED_TANH = 0.99
+"""A tanh unit counts as saturated above this absolute value, where its derivative
+``1 - tanh^2`` is below 0.02 and the gradient through it is nearly blocked."""
+
+SATURATING_ABOVE = 0.5
+"""The verdict "saturating" is given when more than this fraction of a layer's tanh candidate
+units are saturated (see :data:`SATURATED_TANH`)."""
+
+CLIP_SUGGESTION_MIN_NORMS = 100
+"""Gradient norms seen before a ``clip_val`` is suggested: our reading of Pascanu et al.'s
+"a sufficiently large number of updates"."""
+
+CHECKPOINT_FORMAT = 1
+"""The version of the state GradHealth writes into checkpoints. 0 is the unversioned state of
+the releases before it; a resume reads both and names what it cannot restore."""

@@ -1,0 +1,84 @@
+"""Layer keys: which recurrent state a measurement belongs to, as a typed value.
+
+A measurement of a recurrent layer is identified by the module, the layer of a stacked fused
+module, the direction and the state (``h``, or an LSTM's cell state ``c``). :class:`LayerKey`
+holds these four fields; everything inside the package reads them, never a string. The string
+form, the public contract's key, is made only where a key is written out (public dictionaries,
+TensorBoard tags, the report): the module's name in ``model.named_modules()``, then
+``.l{layer}``, then ``_reverse`` for the backward direction, then ``.cell`` for a cell state.
+
+Examples:
+    >>> key = LayerKey("encoder.rnn", layer=1, reverse=True)
+    >>> str(key), str(key.cell_state)
+    ('encoder.rnn.l1_reverse', 'encoder.rnn.l1_reverse.cell')
+    >>> str(LayerKey("cell_reverse")), LayerKey("cell_reverse").reverse   # a cell loop's module name
+    ('cell_reverse', False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Mapping, Optional, TypeVar
+
+__all__ = ["LayerKey", "StateKind", "by_name"]
+
+StateKind = Literal["h", "c"]
+"""The state a per-timestep gradient is taken of: the layer's output state ``h``, or an LSTM's cell state ``c``."""
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """One layer and direction of a recurrent module, and one of its states.
+
+    Attributes:
+        module: the module's name in ``model.named_modules()`` (for one of several custom
+            hidden-to-hidden matrices of one module, the matrix's parameter name).
+        layer: the layer index of a fused ``nn.RNN``/``nn.LSTM``/``nn.GRU``; ``None`` for a
+            cell (``nn.*Cell``, custom cells) or a custom matrix.
+        reverse: the backward direction of a bidirectional layer, which computes last-to-first.
+        state: ``"h"`` (the output state) or ``"c"`` (an LSTM's cell state).
+    """
+
+    module: str
+    layer: Optional[int] = None
+    reverse: bool = False
+    state: StateKind = "h"
+
+    def __str__(self) -> str:
+        local = "" if self.layer is None else f"l{self.layer}" + ("_reverse" if self.reverse else "")
+        name = ".".join(part for part in (self.module, local) if part)
+        return name + (".cell" if self.state == "c" else "")
+
+    @property
+    def cell_state(self) -> LayerKey:
+        """The key of this layer's cell state (LSTM)."""
+        return replace(self, state="c")
+
+    @property
+    def hidden_state(self) -> LayerKey:
+        """The key of this layer's output state."""
+        return replace(self, state="h")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The four fields, for a checkpoint (:meth:`from_dict` reads them back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> LayerKey:
+        """The key whose :meth:`to_dict` gave ``fields``."""
+        layer = fields.get("layer")
+        return cls(str(fields["module"]), None if layer is None else int(layer), bool(fields.get("reverse", False)),
+                   "c" if fields.get("state") == "c" else "h")
+
+
+Value = TypeVar("Value")
+
+
+def by_name(values: Mapping[LayerKey, Value]) -> dict[str, Value]:
+    """The same mapping keyed by the keys' public strings, for users and writers.
+
+    Examples:
+        >>> by_name({LayerKey("rnn", 0): 1.5})
+        {'rnn.l0': 1.5}
+    """
+    return {str(key): value for key, value in values.items()}

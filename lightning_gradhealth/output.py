@@ -1,0 +1,100 @@
+"""What one optimizer step gives the logs: scalars, histograms, and pictures as data.
+
+The engine returns data and never draws: a picture is a small record of what to draw, and only
+the side that writes it (:mod:`~lightning_gradhealth.tensorboard`) calls :meth:`Picture.render`,
+so a run without a TensorBoard writer renders nothing.
+
+Examples:
+    >>> import torch
+    >>> curve = TimestepCurve({"rnn.l0": torch.tensor([1e-3, 1e-2, 1.0])}, title="rnn.l0", step=50)
+    >>> curve.render().shape[2]
+    3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["EigenvalueChart", "Picture", "StepOutput", "TimestepCurve", "TimestepHeatmap"]
+
+
+class Picture(Protocol):
+    """Anything :func:`~lightning_gradhealth.write_step_output` can draw."""
+
+    def render(self) -> np.ndarray:
+        """The picture as an ``(H, W, 3)`` uint8 array."""
+        ...
+
+
+@dataclass(frozen=True)
+class TimestepCurve:
+    """||dL/dh_t|| (and ||dL/dc_t||) over t of one layer's latest probe; ``norms``: label -> ``(T,)``."""
+
+    norms: Mapping[str, Tensor]
+    title: str
+    step: int
+
+    def render(self) -> np.ndarray:
+        from lightning_gradhealth.figures import timestep_curve_image
+
+        return timestep_curve_image(self.norms, self.title, self.step)
+
+
+@dataclass(frozen=True)
+class TimestepHeatmap:
+    """log10 ||dL/dh_t|| over (training step, t): one row of norms per probed step."""
+
+    steps: Sequence[int]
+    rows: Sequence[np.ndarray]
+    title: str
+
+    def render(self) -> np.ndarray:
+        from lightning_gradhealth.figures import timestep_heatmap_image
+
+        return timestep_heatmap_image(self.steps, self.rows, self.title)
+
+
+@dataclass(frozen=True)
+class EigenvalueChart:
+    """The eigenvalues of each gate block of a hidden-to-hidden matrix: ``[G, n]`` complex."""
+
+    eigenvalues: Tensor
+    gates: Sequence[str]
+    title: str
+
+    def render(self) -> np.ndarray:
+        from lightning_gradhealth.figures import eigenvalue_image
+
+        return eigenvalue_image(self.eigenvalues, self.gates, self.title)
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step produced for the logs.
+
+    Attributes:
+        scalars: tag -> value, for every logger (empty on steps that are not logging steps).
+        histograms: tag -> 1-D tensor of values, for TensorBoard.
+        pictures: tag -> :class:`Picture` (drawn only by a writer, see :meth:`images`).
+        skip_step: the gradients held NaN/Inf and ``on_nonfinite="skip"`` set them to ``None``:
+            ``optimizer.step()`` leaves those parameters and their optimizer state as they are.
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+    pictures: dict[str, Picture] = field(default_factory=dict)
+    skip_step: bool = False
+
+    def images(self) -> dict[str, np.ndarray]:
+        """Every picture drawn: tag -> ``(H, W, 3)`` uint8 array (matplotlib; call only to write them)."""
+        return {tag: picture.render() for tag, picture in self.pictures.items()}
+
+    def update(self, other: StepOutput) -> None:
+        """Add ``other``'s scalars, histograms and pictures to this output."""
+        self.scalars.update(other.scalars)
+        self.histograms.update(other.histograms)
+        self.pictures.update(other.pictures)

@@ -1,0 +1,636 @@
+"""The parts of the measuring engine. Each owns its state and follows one pattern (torchmetrics'
+``Metric``): ``update`` takes one step's data and returns what to log, ``reset`` forgets an
+earlier run, ``state_dict`` / ``load_state_dict`` carry the state through a checkpoint.
+
+- :class:`Schedule`: which steps are measured, which are full passes.
+- :class:`TimestepTracker`: the per-timestep norms of the probe, their summaries, the heatmap
+  history and the vanishing / exploding notices.
+- :class:`SpectrumTracker`: sigma_max on logging steps (warm-started), full spectra on full
+  passes, the start-of-run spectra for the report.
+- :class:`GradientTracker`: the NaN/Inf policy, clipping and its statistics, gradient norms,
+  the clip threshold suggestion.
+
+:class:`~lightning_gradhealth.GradHealthMonitor` coordinates them. ``load_state_dict`` is
+tolerant: it restores the fields it knows, leaves the others at their start values, and returns
+what it could not restore (:class:`IncompatibleState`), so a checkpoint written by another
+version of the package resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_gradhealth import tags
+from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester, clip_grads_, grad_norms, group_grad_norms, nonfinite_grads
+from lightning_gradhealth.config import MonitorConfig
+from lightning_gradhealth.distributed import Distributed
+from lightning_gradhealth.defaults import CLIP_SUGGESTION_MIN_NORMS, DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
+from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, diagnose_timesteps, summarize_timesteps
+from lightning_gradhealth.keys import LayerKey
+from lightning_gradhealth.layers import WeightRecord
+from lightning_gradhealth.output import EigenvalueChart, StepOutput, TimestepCurve, TimestepHeatmap
+from lightning_gradhealth.probe import ProbeResult
+from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, full_spectrum
+
+__all__ = [
+    "GradientTracker",
+    "IncompatibleState",
+    "NonFiniteGradientError",
+    "Notices",
+    "Schedule",
+    "SpectrumTracker",
+    "StepPlan",
+    "TimestepTracker",
+]
+
+_HINTS = {
+    "vanishing": "what usually helps: orthogonal or identity init of the recurrent matrices "
+    "(GradHealth(init=\"orthogonal\")), an LSTM or GRU instead of a plain RNN, chrono biases for "
+    "long dependencies (chrono_t_max=T), or a shorter sequence / truncated BPTT",
+    "exploding": "what usually helps: gradient clipping (GradHealth(clip=\"norm\", clip_val=1.0)), orthogonal "
+    "init of the recurrent matrices (GradHealth(init=\"orthogonal\")), a lower learning rate",
+    "nonfinite": "the gradient through time is NaN or Inf: check the loss, the learning rate and the "
+    "input data; clipping and a lower learning rate usually help",
+}
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised with ``on_nonfinite="raise"`` before an optimizer step with NaN/Inf gradients."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+class Notices:
+    """Messages to the user, each said once per key (a kind of problem and where it is).
+
+    ``warn`` receives each message (default :func:`warnings.warn`; the callback passes
+    Lightning's rank-zero warning).
+    """
+
+    def __init__(self, warn: Callable[[str], None] = _warn) -> None:
+        self.warn = warn
+        self._said: set[Hashable] = set()
+
+    def say(self, key: Hashable, message: str) -> None:
+        """Say ``"GradHealth: <message>"`` unless something was already said under ``key``."""
+        if key not in self._said:
+            self._said.add(key)
+            self.warn(f"GradHealth: {message}")
+
+    def reset(self) -> None:
+        """Forget what was said: a new run says it again."""
+        self._said.clear()
+
+
+class IncompatibleState(NamedTuple):
+    """What ``load_state_dict`` could not restore: fields the checkpoint lacks (left at their
+    start values) and fields it has that are unknown or unreadable here (dropped)."""
+
+    missing: list[str]
+    dropped: list[str]
+
+
+def _restore(state: Mapping[str, Any], loaders: Mapping[str, Callable[[Any], None]]) -> IncompatibleState:
+    """Run ``loaders[name](state[name])`` for every field both know; collect the rest."""
+    dropped = [name for name in state if name not in loaders]
+    for name, load in loaders.items():
+        if name in state:
+            try:
+                load(state[name])
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                dropped.append(name)
+    return IncompatibleState([name for name in loaders if name not in state], dropped)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step does, from the :class:`Schedule`.
+
+    Attributes:
+        measure: run the probe and the spectra (the first optimizer to step at a logging step).
+        full: a full pass: every singular value and eigenvalue, histograms and pictures.
+        log_gradients: log this optimizer's gradient norms and clipping statistics.
+    """
+
+    measure: bool
+    full: bool
+    log_gradients: bool
+
+
+class Schedule:
+    """Which optimizer steps are measured: every ``log_every_n_steps``, with a full pass every
+    ``full_every_n_steps`` (a multiple of the logging interval).
+
+    An interval left ``None`` is resolved by :meth:`resolve` at attach time: the logging interval
+    from the fallback given there (the Trainer's) or
+    :data:`~lightning_gradhealth.defaults.DEFAULT_LOG_EVERY_N_STEPS`; the full interval is
+    :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` logging intervals, or the requested
+    one rounded up to a multiple of the resolved logging interval.
+
+    Examples:
+        >>> schedule = Schedule(log_every_n_steps=None, full_every_n_steps=30)
+        >>> schedule.resolve(fallback=20)
+        >>> schedule.log_every_n_steps, schedule.full_every_n_steps
+        (20, 40)
+        >>> schedule.update(40, optimizer=""), schedule.update(40, optimizer="")
+        (StepPlan(measure=True, full=True, log_gradients=True), StepPlan(measure=False, full=False, log_gradients=False))
+    """
+
+    def __init__(self, log_every_n_steps: Optional[int] = None, full_every_n_steps: Optional[int] = None) -> None:
+        self.requested = (log_every_n_steps, full_every_n_steps)
+        self.log_every_n_steps = DEFAULT_LOG_EVERY_N_STEPS
+        self.full_every_n_steps = FULL_EVERY_N_LOGS * DEFAULT_LOG_EVERY_N_STEPS
+        self.resolve()
+        self._measured_step: Optional[int] = None
+        self._logged_steps: dict[str, int] = {}
+
+    def resolve(self, fallback: Optional[int] = None) -> None:
+        """Fix the intervals: the requested ones, else ``fallback``, else the defaults."""
+        log_every, full_every = self.requested
+        self.log_every_n_steps = log_every or (DEFAULT_LOG_EVERY_N_STEPS if fallback is None else max(int(fallback), 1))
+        full = full_every or FULL_EVERY_N_LOGS * self.log_every_n_steps
+        self.full_every_n_steps = -(-full // self.log_every_n_steps) * self.log_every_n_steps
+
+    def is_logging_step(self, step: int) -> bool:
+        """Whether ``step`` is measured: a multiple of ``log_every_n_steps``."""
+        return step % self.log_every_n_steps == 0
+
+    def update(self, step: int, optimizer: str) -> StepPlan:
+        """The plan of ``step`` for the optimizer named ``optimizer``; the probe and the spectra
+        run once per step (at the first optimizer), the gradients are logged once per optimizer."""
+        logging = self.is_logging_step(step)
+        measure = logging and step != self._measured_step
+        log_gradients = logging and self._logged_steps.get(optimizer) != step
+        if measure:
+            self._measured_step = step
+        if log_gradients:
+            self._logged_steps[optimizer] = step
+        return StepPlan(measure, measure and step % self.full_every_n_steps == 0, log_gradients)
+
+    def reset(self) -> None:
+        """Forget which steps were measured (a new fit may count its steps from 0 again)."""
+        self._measured_step = None
+        self._logged_steps.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the intervals are settings, and the marks matter within one step only."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
+        return _restore(state_dict, {})
+
+
+class TimestepTracker:
+    """The per-timestep norms of the latest probe, their summaries (:mod:`~lightning_gradhealth.health`),
+    the heatmap history, and one notice per layer and condition (vanishing, exploding, NaN/Inf).
+
+    Attributes:
+        grad_norms: ``{LayerKey: (T,) tensor}`` of the latest probe.
+        summaries: ``{LayerKey: TimestepSummary}`` of the latest probe (output states only).
+        saturation: ``{LayerKey: fraction}`` of saturated tanh candidates, fused layers only.
+        history: ``{LayerKey: [(step, norms), ...]}``, the heatmap rows, thinned to every other
+            older row beyond ``history_size``.
+    """
+
+    def __init__(self, config: MonitorConfig, notices: Notices, history_size: int = HISTORY_SIZE) -> None:
+        self.config = config
+        self.notices = notices
+        self.history_size = history_size
+        self.grad_norms: dict[LayerKey, Tensor] = {}
+        self.summaries: dict[LayerKey, TimestepSummary] = {}
+        self.saturation: dict[LayerKey, float] = {}
+        self.history: dict[LayerKey, list[tuple[int, np.ndarray]]] = {}
+
+    def update(self, result: ProbeResult, step: int) -> StepOutput:
+        """Take one probe's result at ``step``: summaries, scalars, notices, a heatmap row."""
+        output = StepOutput()
+        self.grad_norms = dict(result.norms)
+        self.saturation = dict(result.saturation)
+        self.summaries = {}
+        for key, norms in result.norms.items():
+            summary = summarize_timesteps(norms, self.config.horizon_factor, reverse=key.reverse)
+            self.summaries[key] = summary
+            values = (summary.transmission, float(summary.horizon), summary.rate_per_step, summary.first_norm, summary.last_norm)
+            output.scalars.update({tags.layer_tag(key, name): value for name, value in zip(tags.TIMESTEP_SCALARS, values)})
+            if key in self.saturation:
+                output.scalars[tags.layer_tag(key, "saturation")] = self.saturation[key]
+            condition = diagnose_timesteps(summary, self.config.vanish_below, self.config.explode_above)
+            if condition is not None and key.state == "h":
+                self.notices.say(
+                    (key, condition),
+                    f"{condition} gradients through time in {str(key)!r} at step {step}: "
+                    f"||dL/dh|| is {summary.first_norm:.3g} at the layer's first step and {summary.last_norm:.3g} "
+                    f"at its last ({summary.steps} steps) "
+                    f"(transmission {summary.transmission:+.2f} decades, x{summary.rate_per_step:.3g} per step back, "
+                    f"horizon {summary.horizon} of {summary.steps} steps); {_HINTS[condition]}.",
+                )
+            history = self.history.setdefault(key, [])
+            history.append((step, norms.numpy()))
+            if len(history) > self.history_size:
+                del history[-2::-2]  # every other row, keeping the newest
+        return output
+
+    def pictures(self, step: int) -> StepOutput:
+        """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap."""
+        output = StepOutput()
+        for key in self.grad_norms:
+            if key.state == "c" and key.hidden_state in self.grad_norms:
+                continue  # drawn with its output state's curve
+            curves = {str(k): self.grad_norms[k] for k in (key, key.cell_state) if k in self.grad_norms}
+            output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step)
+            steps, rows = zip(*self.history[key])
+            output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(steps, rows, str(key))
+        return output
+
+    def start_run(self, start_step: Optional[int]) -> None:
+        """A run starts at ``start_step``: heatmap rows from that step on belong to an earlier
+        run and are dropped; ``None`` (a resumed run) keeps them all."""
+        if start_step is not None:
+            for key in list(self.history):
+                self.history[key] = [(step, norms) for step, norms in self.history[key] if step < start_step]
+
+    def reset(self) -> None:
+        """Forget the latest measurements (the history is trimmed by :meth:`start_run`)."""
+        self.grad_norms, self.summaries, self.saturation = {}, {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The heatmap rows, with each layer key as its fields."""
+        return {
+            "history": [
+                {"key": key.to_dict(), "steps": [step for step, _ in rows], "norms": [torch.from_numpy(n) for _, n in rows]}
+                for key, rows in self.history.items()
+            ]
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
+        def load_history(entries: Sequence[Mapping[str, Any]]) -> None:
+            self.history = {
+                LayerKey.from_dict(entry["key"]): [
+                    (int(step), torch.as_tensor(norms).numpy()) for step, norms in zip(entry["steps"], entry["norms"])
+                ]
+                for entry in entries
+            }
+
+        return _restore(state_dict, {"history": load_history})
+
+
+def summarize_spectrum(spectrum: MatrixSpectrum, step: int) -> SpectrumSummary:
+    """Reduce a per-gate spectrum to the extremes over its gate blocks (NaN-aware)."""
+
+    def extreme(values: Tensor, reduce: Callable[[Tensor], Tensor]) -> float:
+        finite = values[torch.isfinite(values)]
+        return float(reduce(finite)) if finite.numel() else math.nan
+
+    return SpectrumSummary(
+        step=step,
+        spectral_radius=extreme(spectrum.spectral_radius, torch.max),
+        sigma_min=extreme(spectrum.sigma_min, torch.min),
+        sigma_max=extreme(spectrum.sigma_max, torch.max),
+    )
+
+
+class SpectrumTracker:
+    """Spectra of every hidden-to-hidden matrix (:mod:`~lightning_gradhealth.spectra`): sigma_max by
+    warm-started iteration on every logging step; on full passes every singular value and
+    eigenvalue, their histograms and the eigenvalue picture.
+
+    The weights are those the step's gradients were computed with (before the update), so
+    step 0 shows the matrices right after init.
+
+    Attributes:
+        spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
+        start: ``{LayerKey: SpectrumSummary}``, each square matrix at the run's first full pass.
+    """
+
+    def __init__(self, notices: Notices) -> None:
+        self.notices = notices
+        self.spectra: dict[str, MatrixSpectrum] = {}
+        self.start: dict[LayerKey, SpectrumSummary] = {}
+        self._sigma_max: dict[str, SigmaMaxTracker] = {}
+
+    def update(self, records: Sequence[WeightRecord], step: int, full: bool) -> StepOutput:
+        """Measure every recurrent matrix in ``records``; a full pass when ``full``."""
+        output = StepOutput()
+        for record in records:
+            if record.role != "recurrent":
+                continue
+            if full:
+                spectrum = full_spectrum(record.tensor, len(record.gates))
+                self.spectra[record.full_name] = spectrum
+                if not record.projection:
+                    self.start.setdefault(record.layer_key, summarize_spectrum(spectrum, step))
+                values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS}
+                finite = spectrum.finite.tolist()
+                output.update(self._distributions(record, spectrum))
+            else:
+                sigma_max = self._sigma_max.setdefault(record.full_name, SigmaMaxTracker())(record.tensor, len(record.gates))
+                values = {"sigma_max": sigma_max.tolist()}
+                finite = torch.isfinite(sigma_max).tolist()
+            for name, per_gate in values.items():
+                output.scalars.update({tags.gate_tag(record.layer_key, gate, name): v for gate, v in zip(record.gates, per_gate)})
+            if not all(finite):
+                bad = [gate for gate, ok in zip(record.gates, finite) if not ok]
+                output.scalars[tags.layer_tag(record.layer_key, "nonfinite_weight_blocks")] = float(len(bad))
+                self.notices.say(
+                    (record.full_name, "weights"),
+                    f"{record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; "
+                    "their spectra are logged as NaN.",
+                )
+        return output
+
+    @staticmethod
+    def _distributions(record: WeightRecord, spectrum: MatrixSpectrum) -> StepOutput:
+        """Histograms of the singular values and eigenvalue moduli per gate, and the eigenvalue picture."""
+        output = StepOutput()
+        for index, gate in enumerate(record.gates):
+            output.histograms[tags.gate_tag(record.layer_key, gate, "singular_values")] = spectrum.singular_values[index]
+            if spectrum.eigenvalues is not None:
+                output.histograms[tags.gate_tag(record.layer_key, gate, "eigenvalue_moduli")] = spectrum.eigenvalues[index].abs()
+        if spectrum.eigenvalues is not None:
+            chart = EigenvalueChart(spectrum.eigenvalues, record.gates, str(record.layer_key))
+            output.pictures[tags.layer_tag(record.layer_key, "eigenvalues")] = chart
+        return output
+
+    def finish(self, records: Sequence[WeightRecord]) -> None:
+        """The full spectra of the final weights of every square recurrent matrix."""
+        for record in records:
+            if record.role == "recurrent" and not record.projection:
+                self.spectra[record.full_name] = full_spectrum(record.tensor, len(record.gates))
+
+    def start_run(self, start_step: Optional[int]) -> None:
+        """A new or restarted run records its own start-of-run spectra; ``None`` (resumed) keeps them."""
+        if start_step is not None:
+            self.start = {}
+
+    def reset(self) -> None:
+        """Forget the latest full spectra."""
+        self.spectra = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The start-of-run spectra and the warm-start vectors of the sigma_max iteration."""
+        return {
+            "start": [{"key": key.to_dict(), **vars(summary)} for key, summary in self.start.items()],
+            "sigma_max": {name: tracker.state_dict() for name, tracker in self._sigma_max.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
+        def load_start(entries: Sequence[Mapping[str, Any]]) -> None:
+            self.start = {
+                LayerKey.from_dict(entry["key"]): SpectrumSummary(
+                    **{name: entry[name] for name in SpectrumSummary.__dataclass_fields__}
+                )
+                for entry in entries
+            }
+
+        def load_sigma_max(states: Mapping[str, Any]) -> None:
+            self._sigma_max = {}
+            for name, tracker_state in states.items():
+                self._sigma_max[name] = SigmaMaxTracker()
+                self._sigma_max[name].load_state_dict(tracker_state)
+
+        return _restore(state_dict, {"start": load_start, "sigma_max": load_sigma_max})
+
+
+@dataclass
+class _PendingFlags:
+    """NaN/Inf flags of one optimizer's parameters accumulated on the device since the last read."""
+
+    parameters: list[Tensor]
+    flagged: Tensor
+    steps: Tensor
+
+
+class GradientTracker:
+    """The complete gradients of each optimizer step (:mod:`~lightning_gradhealth.clipping`): the
+    NaN/Inf policy, clipping and its statistics, gradient norms, and the clip threshold suggestion.
+
+    Attributes:
+        nonfinite_steps: optimizer steps whose gradients held NaN/Inf.
+        skipped_steps: those skipped (``on_nonfinite="skip"``).
+        clip_steps: optimizer steps taken with ``clip`` on.
+        latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest clipped step.
+        clip_suggester: the running statistics behind the suggested ``clip_val``.
+    """
+
+    def __init__(self, config: MonitorConfig, notices: Notices) -> None:
+        self.config = config
+        self.notices = notices
+        self.distributed = Distributed()
+        self.clip_suggester = ClipThresholdSuggester(min_updates=CLIP_SUGGESTION_MIN_NORMS)
+        self.latest_clip_stats: Optional[ClipStats] = None
+        self.nonfinite_steps = self.skipped_steps = self.clip_steps = 0
+        self._clipped_total: Any = 0
+        self._clip_windows: dict[str, tuple[Any, int]] = {}  # per optimizer, since its last logging step
+        self._pending: dict[int, _PendingFlags] = {}
+        self._param_names: dict[int, str] = {}
+        self._nonfinite_named: set[str] = set()  # parameters already named in a NaN/Inf notice
+
+    def start_run(self, model: nn.Module, distributed: Distributed, start_step: Optional[int]) -> None:
+        """Bind to ``model``'s parameter names and the run's processes. A run from scratch
+        (``start_step`` 0) also forgets the counts of an earlier one; a resumed run
+        (``None``) keeps the clip window its checkpoint holds."""
+        self._param_names = {id(param): name for name, param in model.named_parameters()}
+        self.distributed = distributed
+        self._pending.clear()
+        if start_step == 0:
+            self.reset()
+        if start_step is not None:
+            self._clip_windows.clear()
+
+    def update(
+        self,
+        parameters: Sequence[Tensor],
+        step: int,
+        plan: StepPlan,
+        layer_parameters: Mapping[LayerKey, list[Tensor]],
+        optimizer: str = "",
+        amp_scaler_active: bool = False,
+    ) -> StepOutput:
+        """Check, measure and clip the complete gradients of ``parameters`` (one optimizer's).
+
+        Raises:
+            NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf.
+        """
+        output = StepOutput()
+        parameters = list(parameters)
+        if self._check_nonfinite(parameters, step, amp_scaler_active, plan.log_gradients):
+            output.skip_step = True
+            return output
+        norm_type = self.config.clip_norm_type
+        if plan.log_gradients and layer_parameters:
+            norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
+            output.scalars.update({tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms)})
+        if self.config.clip is not None:
+            output.scalars.update(self._clip(parameters, plan.log_gradients, optimizer))
+        elif plan.log_gradients:
+            total = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
+            total = self.distributed.global_norms(total, norm_type)
+            self.clip_suggester.update(total)
+            output.scalars[tags.grad_norm_tag("total", optimizer)] = float(total)
+        if plan.measure:
+            output.scalars[tags.NONFINITE_STEPS] = float(self.nonfinite_steps)
+            output.scalars[tags.NONFINITE_SKIPPED_STEPS] = float(self.skipped_steps)
+        return output
+
+    def _clip(self, parameters: list[Tensor], log: bool, optimizer: str) -> dict[str, float]:
+        """Clip as configured; count the step in the optimizer's window; its scalars on logging steps."""
+        config = self.config
+        reduce_norm = None
+        if self.distributed.all_reduce is not None:
+            reduce_norm = lambda norms: self.distributed.global_norms(norms, config.clip_norm_type)  # noqa: E731
+        assert config.clip is not None and config.clip_val is not None
+        stats = clip_grads_(parameters, config.clip, config.clip_val, config.clip_norm_type, reduce_norm=reduce_norm)
+        self.latest_clip_stats = stats
+        self.clip_suggester.update(stats.norm_before)
+        clipped = stats.clipped.long()
+        window_clipped, window_steps = self._clip_windows.get(optimizer, (0, 0))
+        window_clipped, window_steps = window_clipped + clipped, window_steps + 1
+        self._clipped_total = self._clipped_total + clipped
+        self.clip_steps += 1
+        self._clip_windows[optimizer] = (window_clipped, window_steps)
+        if not log:
+            return {}
+        del self._clip_windows[optimizer]
+        values = stats.to_floats()
+        return {
+            tags.grad_norm_tag("total", optimizer): values["norm_before"],
+            tags.grad_norm_tag("total_clipped", optimizer): values["norm_after"],
+            tags.clip_tag("coefficient", optimizer): values["coefficient"],
+            tags.clip_tag("clipped_steps_fraction", optimizer): float(window_clipped) / window_steps,
+        }
+
+    @property
+    def clipped_steps(self) -> int:
+        """Optimizer steps clipped so far (of :attr:`clip_steps` steps with ``clip`` on); one sync."""
+        return int(self._clipped_total)
+
+    def _check_nonfinite(self, parameters: list[Tensor], step: int, amp_scaler_active: bool, log: bool) -> bool:
+        """One fused NaN/Inf check of the gradients; apply ``on_nonfinite``. True: skip the step.
+
+        With ``"warn"`` the flags accumulate on the device and are read on logging steps only,
+        so a healthy step costs no host sync; ``"skip"`` and ``"raise"`` must read them every
+        step (one sync). Under 16-mixed the GradScaler skips such steps itself and lowers its
+        scale: they are counted, never acted on, so the two never fight.
+        """
+        if not parameters:
+            return False
+        flagged = nonfinite_grads(parameters)
+        any_flagged = flagged.any()
+        if self.distributed.all_reduce is not None:  # sharded gradients: one decision for all processes
+            any_flagged = self.distributed.all_reduce(any_flagged.float(), "max") > 0
+        if self.config.on_nonfinite == "warn" or amp_scaler_active:
+            pending = self._pending.get(id(parameters[0]))
+            if pending is not None:
+                flagged, steps = pending.flagged | flagged, pending.steps + any_flagged
+            else:
+                steps = any_flagged.long()
+            self._pending[id(parameters[0])] = _PendingFlags(parameters, flagged, steps)
+            if log:
+                self.read_pending(step, warn=not amp_scaler_active)
+            return False
+        if not bool(any_flagged):
+            return False
+        self.nonfinite_steps += 1
+        described, count = self._describe(parameters, flagged)
+        if self.config.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"GradHealth: non-finite gradients (NaN/Inf) at step {step} in {count} parameters: {described}. "
+                "Training stopped before the optimizer step, so the weights are still finite."
+            )
+        for param in parameters:
+            param.grad = None
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            self.notices.say(
+                "skipped",
+                f"skipped the optimizer step at step {step}: non-finite gradients in {count} "
+                f"parameters ({described}). Later skips are counted in {tags.NONFINITE_SKIPPED_STEPS}.",
+            )
+        return True
+
+    def _describe(self, parameters: list[Tensor], flagged: Tensor) -> tuple[str, int]:
+        """The names of the flagged parameters (the first five, then a count), and how many there are."""
+        names = [
+            self._param_names.get(id(p), f"<parameter {index}>")
+            for index, (p, bad) in enumerate(zip(parameters, flagged.tolist()))
+            if bad
+        ]
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), len(names)
+
+    def read_pending(self, step: int, warn: bool) -> None:
+        """Read the accumulated NaN/Inf flags (one sync), count the steps, warn once per parameter."""
+        for pending in self._pending.values():
+            self.nonfinite_steps += int(pending.steps)
+            if not warn or not bool(pending.flagged.any()):
+                continue
+            names = {self._param_names.get(id(p), "") for p, bad in zip(pending.parameters, pending.flagged.tolist()) if bad}
+            if not names - self._nonfinite_named:
+                continue
+            self._nonfinite_named |= names
+            described, count = self._describe(pending.parameters, pending.flagged)
+            self.notices.warn(
+                f"GradHealth: non-finite gradients (NaN/Inf) in {count} parameters by step {step}: {described}. "
+                "The optimizer steps went ahead (on_nonfinite='warn'); on_nonfinite='skip' drops such steps."
+            )
+        self._pending.clear()
+
+    def reset(self) -> None:
+        """Forget the counts and statistics of an earlier run."""
+        self.clip_suggester = ClipThresholdSuggester(self.clip_suggester.multiple, self.clip_suggester.min_updates)
+        self.latest_clip_stats = None
+        self.nonfinite_steps = self.skipped_steps = self.clip_steps = 0
+        self._clipped_total = 0
+        self._clip_windows.clear()
+        self._nonfinite_named.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, the open clip windows and the clip suggester's statistics."""
+        return {
+            # with on_nonfinite="warn" the flags of the steps since the last logging step are
+            # still on the device: count them, or a checkpoint taken now would lose them
+            "nonfinite_steps": self.nonfinite_steps + sum(int(pending.steps) for pending in self._pending.values()),
+            "skipped_steps": self.skipped_steps,
+            "clipped_steps": self.clipped_steps,
+            "clip_steps": self.clip_steps,
+            "clip_windows": {name: [int(clipped), steps] for name, (clipped, steps) in self._clip_windows.items()},
+            "clip_suggester": self.clip_suggester.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
+        def setter(name: str) -> Callable[[Any], None]:
+            return lambda value: setattr(self, name, int(value))
+
+        def load_windows(windows: Mapping[str, Sequence[int]]) -> None:
+            self._clip_windows = {name: (int(clipped), int(steps)) for name, (clipped, steps) in windows.items()}
+
+        return _restore(
+            state_dict,
+            {
+                "nonfinite_steps": setter("nonfinite_steps"),
+                "skipped_steps": setter("skipped_steps"),
+                "clipped_steps": setter("_clipped_total"),
+                "clip_steps": setter("clip_steps"),
+                "clip_windows": load_windows,
+                "clip_suggester": self.clip_suggester.load_state_dict,
+            },
+        )
+
+
+def layer_parameters(records: Sequence[WeightRecord], stepped: Sequence[Tensor]) -> dict[LayerKey, list[Tensor]]:
+    """The parameters of each recurrent layer that are among ``stepped`` (one optimizer's)."""
+    ids = {id(param) for param in stepped}
+    grouped: dict[LayerKey, list[Tensor]] = defaultdict(list)
+    for record in records:
+        if id(record.tensor) in ids:
+            grouped[record.layer_key].append(record.tensor)
+    return dict(grouped)
