@@ -11,13 +11,14 @@ Examples:
 from lightning_gradhealth.callback import GradHealth
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
 from lightning_gradhealth.config import MonitorConfig
+from lightning_gradhealth.distributed import Distributed
 from lightning_gradhealth.health import HealthReport, LayerHealth, SpectrumSummary, TimestepSummary
 from lightning_gradhealth.inits import SCHEME_NAMES
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights
 from lightning_gradhealth.model_init import InitConfig, InitRecord, format_init_report, initialize_
 from lightning_gradhealth.monitor import GradHealthMonitor
-from lightning_gradhealth.output import StepOutput
+from lightning_gradhealth.output import EigenvalueChart, Picture, StepOutput, TimestepCurve, TimestepHeatmap
 from lightning_gradhealth.spectra import MatrixSpectrum
 from lightning_gradhealth.tensorboard import write_step_output
 from lightning_gradhealth.trackers import NonFiniteGradientError
@@ -25,6 +26,8 @@ from lightning_gradhealth.trackers import NonFiniteGradientError
 __all__ = [
     "ClipStats",
     "ClipThresholdSuggester",
+    "Distributed",
+    "EigenvalueChart",
     "GradHealth",
     "GradHealthMonitor",
     "HealthReport",
@@ -35,9 +38,12 @@ __all__ = [
     "MatrixSpectrum",
     "MonitorConfig",
     "NonFiniteGradientError",
+    "Picture",
     "SCHEME_NAMES",
     "SpectrumSummary",
     "StepOutput",
+    "TimestepCurve",
+    "TimestepHeatmap",
     "TimestepSummary",
     "WeightRecord",
     "find_recurrent_weights",

@@ -31,7 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, NamedTuple, Optional
@@ -464,19 +463,19 @@ def backward_through_time(
 
 
 def _layer_parameters(module: nn.RNNBase, layer: int) -> dict[str, Tensor]:
-    """One layer's weights of a fused module, renamed as layer 0 of a one-layer module.
+    """One layer's weights of a fused module (both directions), named as layer 0 of a one-layer module.
 
-    Read by attribute from ``module._flat_weights_names``, the weights the kernel uses.
+    Read by attribute among ``module._flat_weights_names``, the weights the kernel uses.
     """
-    renamed = {}
-    for name in module._flat_weights_names:
-        match = _WEIGHT_NAME.fullmatch(name)
-        if match and int(match["layer"]) == layer:
-            renamed[f"{match['kind']}_l0{match['direction'] or ''}"] = getattr(module, name)
-    return renamed
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    return {
+        f"{kind}_l0{direction}": getattr(module, f"{kind}_l{layer}{direction}")
+        for direction in (("", "_reverse") if module.bidirectional else ("",))
+        for kind in kinds
+        if f"{kind}_l{layer}{direction}" in module._flat_weights_names
+    }
 
 
-_WEIGHT_NAME = re.compile(r"(?P<kind>(?:weight|bias)_(?:ih|hh|hr))_l(?P<layer>\d+)(?P<direction>_reverse)?")
 _BUILT_IN_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
 
 

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_gradhealth import tags
 from lightning_gradhealth._compat import CallbackBase
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
-from lightning_gradhealth.config import MonitorConfig, flat_signature, settings_of
+from lightning_gradhealth.config import MonitorConfig, flat_signature, read_setting, refuse_setting, settings_of
 from lightning_gradhealth.distributed import fsdp_root, sharded, whole_parameters
 from lightning_gradhealth.health import HealthReport, TimestepSummary
 from lightning_gradhealth.layers import WeightRecord
@@ -57,6 +57,9 @@ class _FromMonitor(Generic[Value]):
         if instance is None:
             return self  # type: ignore[return-value]
         return getattr(instance.monitor, self.name)
+
+    def __set__(self, instance: GradHealth, value: Any) -> None:
+        raise AttributeError(f"GradHealth.{self.name} is what the monitor measured, read-only")
 
 
 def _optimizer_steps(trainer: Any) -> int:
@@ -160,7 +163,8 @@ class GradHealth(CallbackBase):
             ``"encoder.rnn.l1_reverse"``; LSTM cell states under the key plus ``".cell"``.
         timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
         timestep_history: ``{layer key: [(step, norms as a numpy array), ...]}``, the rows of
-            the heatmap (thinned to every other row when it exceeds ``history_size``).
+            the heatmap (thinned to every other older row beyond
+            :data:`~lightning_gradhealth.defaults.HISTORY_SIZE` rows).
         spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
         latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest
             clipped step (0-d tensors: pre/post-clip norm, coefficient, clipped fraction).
@@ -216,12 +220,17 @@ class GradHealth(CallbackBase):
 
     __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
 
+    def _configs(self) -> tuple[Any, Any]:
+        monitor = self.__dict__.get("monitor")
+        return self.__dict__.get("init_config"), None if monitor is None else monitor.config
+
     def __getattr__(self, name: str) -> Any:
         """The settings, by name: ``health.clip_val`` is ``health.monitor.config.clip_val``."""
-        for config in (self.__dict__.get("init_config"), getattr(self.__dict__.get("monitor"), "config", None)):
-            if config is not None and name in {field.name for field in dataclasses.fields(config)}:
-                return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return read_setting(self, self._configs(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_setting(self, self._configs(), name)
+        super().__setattr__(name, value)
 
     recurrent_weights: _FromMonitor[list[WeightRecord]] = _FromMonitor()
     timestep_grad_norms: _FromMonitor[dict[str, torch.Tensor]] = _FromMonitor()
@@ -341,7 +350,13 @@ class GradHealth(CallbackBase):
             amp_scaler_active=scaler is not None,
             optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",
         )
-        write_outputs(trainer.loggers, self._writers, output, step)
+        write_outputs(trainer.loggers, self._writers, output, step, self._picture_failed)
+
+    def _picture_failed(self, tag: str, error: Exception) -> None:
+        self.monitor.notices.say(
+            ("error", "pictures"),
+            f"could not draw {tag} ({type(error).__name__}: {error}); pictures that fail are left out, training goes on.",
+        )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The health report: printed on rank 0, written to TensorBoard as text, kept as :attr:`health_report`."""

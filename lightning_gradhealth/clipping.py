@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from lightning_gradhealth.defaults import CLIP_SUGGESTION_MIN_NORMS
+
 __all__ = [
     "CLIP_MODES",
     "ClipStats",
@@ -526,7 +528,8 @@ class ClipThresholdSuggester:
     they also note that training is not very sensitive to it and works well even for rather
     small thresholds. The suggestion is therefore ``multiple`` times the running mean of the
     finite norms seen, with ``multiple = 1`` (the average itself) by default, once at least
-    ``min_updates`` norms were seen (100 by default: our choice of "sufficiently large").
+    ``min_updates`` norms were seen (:data:`~lightning_gradhealth.defaults.CLIP_SUGGESTION_MIN_NORMS`
+    by default: our choice of "sufficiently large").
 
     Feed it the unclipped norms (``ClipStats.norm_before``). :meth:`update` keeps the running
     mean on the norm's device and never syncs; non-finite norms are ignored. The state is two
@@ -542,7 +545,7 @@ class ClipThresholdSuggester:
         {'count': 3, 'mean': 2.0}
     """
 
-    def __init__(self, multiple: float = 1.0, min_updates: int = 100) -> None:
+    def __init__(self, multiple: float = 1.0, min_updates: int = CLIP_SUGGESTION_MIN_NORMS) -> None:
         if not _is_real(multiple) or not math.isfinite(multiple) or not multiple > 0:
             raise ValueError(f"multiple must be a finite number > 0, got {multiple!r}")
         if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
@@ -576,5 +579,7 @@ class ClipThresholdSuggester:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next :meth:`update` moves the state to the norm's device."""
-        self._count = torch.tensor(float(state_dict["count"]))
-        self._mean = torch.tensor(float(state_dict["mean"]))
+        count, mean = float(state_dict["count"]), float(state_dict["mean"])
+        if not (count >= 0 and math.isfinite(count) and math.isfinite(mean)):
+            raise ValueError(f"expected a count >= 0 and a finite mean, got {count!r} and {mean!r}")
+        self._count, self._mean = torch.tensor(count), torch.tensor(mean)

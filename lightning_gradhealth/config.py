@@ -24,12 +24,13 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Iterable, Literal, Mapping, Optional
 
 from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, check_positive_int_or_none
 from lightning_gradhealth.clipping import validate_clip_args
+from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, VANISH_BELOW
 
-__all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "settings_of"]
+__all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "read_setting", "refuse_setting", "settings_of"]
 
 NONFINITE_POLICIES = ("warn", "skip", "raise")
 
@@ -70,9 +71,9 @@ class MonitorConfig:
     custom_cells: Optional[list[str]] = None
     log_every_n_steps: Optional[int] = None
     full_every_n_steps: Optional[int] = None
-    vanish_below: float = 1e-3
-    explode_above: float = 1e3
-    horizon_factor: float = 1e3
+    vanish_below: float = VANISH_BELOW
+    explode_above: float = EXPLODE_ABOVE
+    horizon_factor: float = HORIZON_FACTOR
     clip: Optional[Literal["norm", "value", "agc"]] = None
     clip_val: Optional[float] = None
     clip_norm_type: float = 2.0
@@ -141,6 +142,35 @@ def flat_signature(*configs: type, positional: tuple[str, ...] = (), method: boo
     if method:
         parameters.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
     return inspect.Signature(parameters, return_annotation=None)
+
+
+def read_setting(owner: object, configs: Iterable[Any], name: str) -> Any:
+    """The field ``name`` of the first of ``configs`` that has one, for ``owner.__getattr__``, so
+    every setting reads as an attribute of the object built from it.
+
+    Raises:
+        AttributeError: no config has that field (as an ordinary missing attribute would).
+    """
+    for config in configs:
+        if config is not None and name in {field.name for field in dataclasses.fields(config)}:
+            return getattr(config, name)
+    raise AttributeError(f"{type(owner).__name__!r} object has no attribute {name!r}")
+
+
+def refuse_setting(owner: object, configs: Iterable[Any], name: str) -> None:
+    """For ``owner.__setattr__``: a setting cannot be assigned on the object (the configs are
+    frozen, and an assignment would shadow them unseen).
+
+    Raises:
+        AttributeError: ``name`` is a field of one of ``configs``, with what to do instead.
+    """
+    for config in configs:
+        if config is not None and name in {field.name for field in dataclasses.fields(config)}:
+            raise AttributeError(
+                f"{type(owner).__name__}.{name} is a setting of its {type(config).__name__}, which is frozen: "
+                f"build a new {type(owner).__name__}, or assign a new config made with "
+                f"dataclasses.replace(config, {name}=...) between runs"
+            )
 
 
 def settings_of(config: type, arguments: Mapping[str, Any]) -> dict[str, Any]:

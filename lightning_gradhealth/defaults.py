@@ -10,10 +10,13 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CLIP_SUGGESTION_MIN_NORMS",
     "DEFAULT_LOG_EVERY_N_STEPS",
+    "EXPLODE_ABOVE",
     "FULL_EVERY_N_LOGS",
     "HISTORY_SIZE",
+    "HORIZON_FACTOR",
     "SATURATED_TANH",
     "SATURATING_ABOVE",
+    "VANISH_BELOW",
 ]
 
 DEFAULT_LOG_EVERY_N_STEPS = 50
@@ -28,6 +31,16 @@ iteration of the other logging steps (``benchmarks/spectra.py`` measures both)."
 HISTORY_SIZE = 256
 """Rows of the per-timestep heatmap kept per layer; beyond it every other older row is dropped,
 so the heatmap spans the whole run at a coarser resolution and stays bounded in memory."""
+
+VANISH_BELOW = 1e-3
+"""Gradients through time are "vanishing" when ||dL/dh_first|| / ||dL/dh_last|| falls below this:
+three decades lost over the sequence, past which the first steps barely learn."""
+
+EXPLODE_ABOVE = 1e3
+"""Gradients through time are "exploding" when that ratio rises above this: three decades gained."""
+
+HORIZON_FACTOR = 1e3
+"""The ``horizon`` ends where ||dL/dh_t|| first falls this factor below the last step's."""
 
 SATURATED_TANH = 0.99
 """A tanh unit counts as saturated above this absolute value, where its derivative

@@ -9,6 +9,7 @@ sharding, :class:`Distributed` ``()`` does nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,4 +73,4 @@ def all_reduce(tensor: Tensor, op: str) -> Tensor:
 
 def sharded(root: nn.Module) -> Distributed:
     """The operations of an FSDP run whose root module is ``root``."""
-    return Distributed(lambda: whole_parameters(root), all_reduce)
+    return Distributed(functools.partial(whole_parameters, root), all_reduce)

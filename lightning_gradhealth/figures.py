@@ -9,7 +9,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,13 +26,16 @@ def figure_to_array(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def timestep_curve_image(norms: Mapping[str, Tensor], title: str, step: int) -> np.ndarray:
-    """||dL/dh_t|| (and ||dL/dc_t||) over t on a log axis, for the latest probe of one layer."""
+def timestep_curve_image(
+    norms: Mapping[str, Tensor], title: str, step: int, dashed: AbstractSet[str] = frozenset()
+) -> np.ndarray:
+    """||dL/dh_t|| (and ||dL/dc_t||) over t on a log axis, for the latest probe of one layer;
+    the curves labelled in ``dashed`` (cell states) are drawn dashed."""
     figure = Figure(figsize=(5.0, 3.2), dpi=80)
     axes = figure.add_subplot()
     for label, values in norms.items():
         data = values.detach().double().cpu().numpy()
-        linestyle = "--" if label.endswith(".cell") else "-"
+        linestyle = "--" if label in dashed else "-"
         axes.plot(np.arange(len(data)), np.where(data > 0, data, np.nan), label=label, linestyle=linestyle)
     axes.set_yscale("log")
     axes.set_xlabel("timestep t (input position)")

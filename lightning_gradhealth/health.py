@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_gradhealth.defaults import SATURATED_TANH, SATURATING_ABOVE
+from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, SATURATED_TANH, SATURATING_ABOVE, VANISH_BELOW
 
 __all__ = [
     "VERDICTS",
@@ -62,7 +62,7 @@ class TimestepSummary:
     finite: bool
 
 
-def summarize_timesteps(norms: Tensor, horizon_factor: float = 1e3, reverse: bool = False) -> TimestepSummary:
+def summarize_timesteps(norms: Tensor, horizon_factor: float = HORIZON_FACTOR, reverse: bool = False) -> TimestepSummary:
     """Summarize the ``(T,)`` norms of one layer; see the module docs for the definitions.
 
     Non-finite norms give ``finite=False`` and NaN summaries; zero norms (steps the loss does not
@@ -97,7 +97,7 @@ def summarize_timesteps(norms: Tensor, horizon_factor: float = 1e3, reverse: boo
 
 
 def diagnose_timesteps(
-    summary: TimestepSummary, vanish_below: float = 1e-3, explode_above: float = 1e3
+    summary: TimestepSummary, vanish_below: float = VANISH_BELOW, explode_above: float = EXPLODE_ABOVE
 ) -> Optional[str]:
     """``"nonfinite"``, ``"vanishing"``, ``"exploding"`` or ``None`` (healthy) for one summary.
 
@@ -166,8 +166,8 @@ class LayerHealth:
 def layer_verdict(
     summary: Optional[TimestepSummary],
     saturation: Optional[float] = None,
-    vanish_below: float = 1e-3,
-    explode_above: float = 1e3,
+    vanish_below: float = VANISH_BELOW,
+    explode_above: float = EXPLODE_ABOVE,
     saturating_above: float = SATURATING_ABOVE,
 ) -> tuple[str, str]:
     """The verdict on one layer and its reason in numbers: ``(verdict, reason)``.

@@ -6,6 +6,8 @@ holds these four fields; everything inside the package reads them, never a strin
 form, the public contract's key, is made only where a key is written out (public dictionaries,
 TensorBoard tags, the report): the module's name in ``model.named_modules()``, then
 ``.l{layer}``, then ``_reverse`` for the backward direction, then ``.cell`` for a cell state.
+A key also equals its string (and hashes like it), so records that carry a key, such as
+:class:`~lightning_gradhealth.WeightRecord`, still compare with the names users write.
 
 Examples:
     >>> key = LayerKey("encoder.rnn", layer=1, reverse=True)
@@ -13,6 +15,8 @@ Examples:
     ('encoder.rnn.l1_reverse', 'encoder.rnn.l1_reverse.cell')
     >>> str(LayerKey("cell_reverse")), LayerKey("cell_reverse").reverse   # a cell loop's module name
     ('cell_reverse', False)
+    >>> LayerKey("rnn", 0) == "rnn.l0"
+    True
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ StateKind = Literal["h", "c"]
 """The state a per-timestep gradient is taken of: the layer's output state ``h``, or an LSTM's cell state ``c``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerKey:
     """One layer and direction of a recurrent module, and one of its states.
 
@@ -49,6 +53,19 @@ class LayerKey:
         name = ".".join(part for part in (self.module, local) if part)
         return name + (".cell" if self.state == "c" else "")
 
+    def _fields(self) -> tuple[str, Optional[int], bool, str]:
+        return (self.module, self.layer, self.reverse, self.state)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LayerKey):
+            return self._fields() == other._fields()
+        if isinstance(other, str):
+            return str(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
     @property
     def cell_state(self) -> LayerKey:
         """The key of this layer's cell state (LSTM)."""
@@ -65,10 +82,22 @@ class LayerKey:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> LayerKey:
-        """The key whose :meth:`to_dict` gave ``fields``."""
-        layer = fields.get("layer")
-        return cls(str(fields["module"]), None if layer is None else int(layer), bool(fields.get("reverse", False)),
-                   "c" if fields.get("state") == "c" else "h")
+        """The key whose :meth:`to_dict` gave ``fields``.
+
+        Raises:
+            ValueError: ``fields`` are not those of a key (a checkpoint from elsewhere).
+        """
+        if not isinstance(fields, Mapping) or set(fields) != {"module", "layer", "reverse", "state"}:
+            raise ValueError(f"not the fields of a layer key: {fields!r}")
+        module, layer, reverse, state = fields["module"], fields["layer"], fields["reverse"], fields["state"]
+        if (
+            not isinstance(module, str)
+            or not (layer is None or (isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0))
+            or not isinstance(reverse, bool)
+            or state not in ("h", "c")
+        ):
+            raise ValueError(f"not the fields of a layer key: {fields!r}")
+        return cls(module, layer, reverse, state)
 
 
 Value = TypeVar("Value")

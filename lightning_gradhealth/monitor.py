@@ -47,7 +47,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
-from lightning_gradhealth.config import MonitorConfig
+from lightning_gradhealth.config import MonitorConfig, read_setting, refuse_setting
 from lightning_gradhealth.defaults import CHECKPOINT_FORMAT
 from lightning_gradhealth.health import HealthReport, LayerHealth, TimestepSummary, layer_verdict
 from lightning_gradhealth.keys import LayerKey, by_name
@@ -56,8 +56,8 @@ from lightning_gradhealth.model_init import InitRecord
 from lightning_gradhealth.output import StepOutput
 from lightning_gradhealth.probe import TimestepProbe
 from lightning_gradhealth.spectra import MatrixSpectrum
+from lightning_gradhealth.distributed import Distributed
 from lightning_gradhealth.trackers import (
-    Distributed,
     GradientTracker,
     IncompatibleState,
     Notices,
@@ -102,7 +102,9 @@ class GradHealthMonitor:
         ValueError: at construction, for an invalid interval, threshold, clip setting or policy.
     """
 
-    def __init__(self, config: Optional[MonitorConfig] = None, *, warn: Optional[Callable[[str], None]] = None, **settings: Any) -> None:
+    def __init__(
+        self, config: Optional[MonitorConfig] = None, *, warn: Optional[Callable[[str], None]] = None, **settings: Any
+    ) -> None:
         if config is not None and settings:
             raise TypeError(f"GradHealthMonitor takes a MonitorConfig or settings, got both ({', '.join(settings)})")
         config = config if config is not None else MonitorConfig(**settings)
@@ -117,6 +119,16 @@ class GradHealthMonitor:
         self.distributed = Distributed()
         self._probe: Optional[TimestepProbe] = None
         self._armed_step: Optional[int] = None
+        self._format_0_by_name: Optional[dict[str, Any]] = None  # see load_state_dict
+        self._restore_notice: Optional[tuple[Any, list[str], list[str]]] = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings, by name: ``monitor.clip_val`` is ``monitor.config.clip_val``."""
+        return read_setting(self, (self.__dict__.get("_config"),), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_setting(self, (self.__dict__.get("_config"),), name)
+        super().__setattr__(name, value)
 
     @property
     def config(self) -> MonitorConfig:
@@ -178,6 +190,8 @@ class GradHealthMonitor:
         self.gradient_tracker.start_run(model, self.distributed, start_step)
         if self._probe is not None:
             self._probe.attach()
+        if self._format_0_by_name is not None:
+            self._resolve_format_0()
 
     def detach(self) -> None:
         """Remove every hook and drop what was captured: the model runs at full speed and pickles."""
@@ -258,7 +272,7 @@ class GradHealthMonitor:
                 result = self._probe.compute(grad_scale=grad_scale)
                 self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
                 if plan.full:
-                    output.update(self.timestep_tracker.pictures(step))
+                    self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
             if plan.measure:
                 if self._probe is not None:
                     for key, message in sorted(self._probe.notices().items()):
@@ -309,7 +323,7 @@ class GradHealthMonitor:
                 LayerHealth(
                     layer=str(key),
                     init=self.init_schemes.get(key),
-                    spectrum_start=spectra.start.get(key),
+                    spectrum_start=spectra.start_summaries.get(key),
                     spectrum_end=None if end is None else summarize_spectrum(end, step),
                     timesteps=summary,
                     saturation=saturation,
@@ -400,16 +414,26 @@ class GradHealthMonitor:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`, from this format, an older or a newer one: what can be
-        restored is, the rest starts fresh, and one notice names it."""
-        version = state_dict.get("format", 0)
-        state, dropped = (_from_format_0(state_dict) if version == 0 else (dict(state_dict), []))
+        restored is, the rest starts fresh, and one notice names it.
+
+        The unversioned state of the first releases (format 0) keyed its heatmap rows, start
+        spectra and init schemes by the layer keys' strings: those are matched, by exact string,
+        to the layers found at the next :meth:`attach`, and the notice comes then.
+        """
+        version = state_dict.get("format", 0) if isinstance(state_dict, Mapping) else None
+        if version == 0:
+            state, dropped, self._format_0_by_name = _from_format_0(state_dict)
+        else:
+            state, dropped = (dict(state_dict), []) if isinstance(state_dict, Mapping) else ({}, ["<not a mapping>"])
         state.pop("format", None)
         missing: list[str] = []
-        try:
-            self.init_schemes = {LayerKey.from_dict(e["key"]): str(e["scheme"]) for e in state.pop("init_schemes")}
-        except (KeyError, TypeError, ValueError):
-            (dropped if "init_schemes" in state_dict else missing).append("init_schemes")
-            state.pop("init_schemes", None)
+        if "init_schemes" in state:
+            try:
+                self.init_schemes = {LayerKey.from_dict(e["key"]): str(e["scheme"]) for e in state.pop("init_schemes")}
+            except Exception:  # whatever a foreign checkpoint holds, a resume never fails on it
+                dropped.append("init_schemes")
+        elif version != 0:
+            missing.append("init_schemes")
         for name, part in self._parts().items():
             if name not in state:
                 missing.append(name)
@@ -417,7 +441,47 @@ class GradHealthMonitor:
             incompatible: IncompatibleState = part.load_state_dict(state.pop(name))
             missing += [f"{name}.{field}" for field in incompatible.missing]
             dropped += [f"{name}.{field}" for field in incompatible.dropped]
-        dropped += sorted(state)
+        dropped += sorted(map(str, state))
+        self._restore_notice = (version, missing, dropped)
+        if version != 0:
+            self._say_restored()
+
+    def _resolve_format_0(self) -> None:
+        """Give the string-keyed parts of a format-0 state to the layers :meth:`attach` found."""
+        pending, self._format_0_by_name = self._format_0_by_name or {}, None
+        version, missing, dropped = self._restore_notice or (0, [], [])
+        keys = {str(k): k for key in self.layer_keys for k in (key, key.cell_state)}
+
+        def matched(name: str) -> list[tuple[LayerKey, Any]]:
+            """The entries of the field ``name`` whose layer is found, as (key, value)."""
+            found = []
+            for layer, value in dict(pending.get(name) or {}).items():
+                if layer in keys:
+                    found.append((keys[layer], value))
+                else:
+                    dropped.append(f"{name}[{layer!r}]")
+            return found
+
+        try:
+            history = [
+                {"key": key.to_dict(), "steps": [step for step, _ in rows], "norms": [norms for _, norms in rows]}
+                for key, rows in matched("timestep_history")
+            ]
+            if self.timestep_tracker.load_state_dict({"history": history}).dropped:
+                dropped.append("timestep_history")
+            starts = [{"key": key.to_dict(), **values} for key, values in matched("spectra_start")]
+            if self.spectrum_tracker.load_state_dict({"start": starts}).dropped:
+                dropped.append("spectra_start")
+            self.init_schemes = {key: str(scheme) for key, scheme in matched("init_schemes")}
+        except Exception:  # whatever a foreign checkpoint holds, a resume never fails on it
+            dropped.append("timestep_history, spectra_start, init_schemes")
+        self._restore_notice = (version, missing, dropped)
+        self._say_restored()
+
+    def _say_restored(self) -> None:
+        """One notice, when a checkpoint's state was not restored whole or was of another format."""
+        version, missing, dropped = self._restore_notice or (CHECKPOINT_FORMAT, [], [])
+        self._restore_notice = None
         if missing or dropped or version != CHECKPOINT_FORMAT:
             self.notices.warn(
                 f"GradHealth: the checkpoint holds GradHealth state of format {version} (this version writes "
@@ -426,18 +490,18 @@ class GradHealthMonitor:
             )
 
 
-def _from_format_0(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The unversioned state of the first releases in today's layout, and what cannot be carried
-    over: its heatmap rows, start-of-run spectra and init schemes are keyed by layer-key strings,
-    which are not read back into keys."""
+def _from_format_0(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """The unversioned state of the first releases in today's layout, the names of its fields
+    that are unknown, and its string-keyed fields (heatmap rows, start spectra, init schemes),
+    which wait for the layers found at attach."""
     gradient_fields = ("nonfinite_steps", "skipped_steps", "clipped_steps", "clip_steps", "clip_windows", "clip_suggester")
+    by_name_fields = ("timestep_history", "spectra_start", "init_schemes")
     converted: dict[str, Any] = {
         "schedule": {},
         "timesteps": {},
         "spectra": {"sigma_max": state["sigma_trackers"]} if "sigma_trackers" in state else {},
         "gradients": {name: state[name] for name in gradient_fields if name in state},
-        "init_schemes": [],
     }
-    known = {*gradient_fields, "sigma_trackers"}
-    dropped = [name for name in state if name not in known]
-    return converted, dropped
+    known = {*gradient_fields, *by_name_fields, "sigma_trackers"}
+    dropped = sorted(str(name) for name in state if name not in known)
+    return converted, dropped, {name: state[name] for name in by_name_fields if name in state}

@@ -14,7 +14,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import AbstractSet, Mapping, Protocol, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -32,16 +32,18 @@ class Picture(Protocol):
 
 @dataclass(frozen=True)
 class TimestepCurve:
-    """||dL/dh_t|| (and ||dL/dc_t||) over t of one layer's latest probe; ``norms``: label -> ``(T,)``."""
+    """||dL/dh_t|| (and ||dL/dc_t||) over t of one layer's latest probe; ``norms``: label -> ``(T,)``,
+    the labels in ``cell_states`` (LSTM cell states) drawn dashed."""
 
     norms: Mapping[str, Tensor]
     title: str
     step: int
+    cell_states: AbstractSet[str] = frozenset()
 
     def render(self) -> np.ndarray:
         from lightning_gradhealth.figures import timestep_curve_image
 
-        return timestep_curve_image(self.norms, self.title, self.step)
+        return timestep_curve_image(self.norms, self.title, self.step, dashed=self.cell_states)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class StepOutput:
     Attributes:
         scalars: tag -> value, for every logger (empty on steps that are not logging steps).
         histograms: tag -> 1-D tensor of values, for TensorBoard.
-        pictures: tag -> :class:`Picture` (drawn only by a writer, see :meth:`images`).
+        pictures: tag -> :class:`Picture` (drawn only by a writer, see :attr:`images`).
         skip_step: the gradients held NaN/Inf and ``on_nonfinite="skip"`` set them to ``None``:
             ``optimizer.step()`` leaves those parameters and their optimizer state as they are.
     """
@@ -89,8 +91,10 @@ class StepOutput:
     pictures: dict[str, Picture] = field(default_factory=dict)
     skip_step: bool = False
 
+    @property
     def images(self) -> dict[str, np.ndarray]:
-        """Every picture drawn: tag -> ``(H, W, 3)`` uint8 array (matplotlib; call only to write them)."""
+        """Every picture drawn: tag -> ``(H, W, 3)`` uint8 array. Each access draws them all
+        (matplotlib): read it only to write them."""
         return {tag: picture.render() for tag, picture in self.pictures.items()}
 
     def update(self, other: StepOutput) -> None:

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,9 +117,9 @@ def full_spectrum(
     r"""Every singular value and eigenvalue of each gate block of ``weight``, and their summaries.
 
     One batched ``torch.linalg.svdvals`` and, for square blocks, one batched
-    ``torch.linalg.eigvals`` on the ``[G, rows, cols]`` float64 blocks: :math:`O(G H^3)`. An
-    LSTM's ``weight_hh`` at H = 1024 takes about 5 s on 2 CPU threads, four fifths of it in
-    ``eigvals``, which hardly speeds up with more threads (``benchmarks/spectra.py``).
+    ``torch.linalg.eigvals`` on the ``[G, rows, cols]`` float64 blocks: :math:`O(G H^3)`, most
+    of it in ``eigvals``, which hardly speeds up with more threads (``benchmarks/spectra.py``
+    measures it).
     ``orth_error`` follows from the singular values without another product:
     :math:`\|W^\top W - I\|_F^2 = \sum_i (\sigma_i^2 - 1)^2` over the smaller Gram matrix.
 
@@ -318,7 +317,7 @@ class SigmaMaxTracker:
     1e-2 relative error or better on the matrices measured in :func:`estimate_sigma_max`); later
     calls run ``iterations`` and keep refining while the matrix drifts. The state travels in
     checkpoints through :meth:`state_dict` / :meth:`load_state_dict` (CPU tensors). A warm call
-    on an LSTM's ``weight_hh`` at H = 1024 takes 25-45 ms on 1-2 CPU threads.
+    costs :math:`O(G H^2)` (``benchmarks/spectra.py`` measures it).
 
     Args:
         iterations: Rayleigh-Ritz steps per warm call (each one product with ``[cols, 3]``).

@@ -14,7 +14,8 @@ Lightning).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import pytorch_lightning.loggers
 from torch import Tensor
@@ -47,12 +48,23 @@ def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int)
         logger.log_metrics(dict(metrics), step=step)
 
 
-def add_pictures(writers: list[Any], pictures: Mapping[str, Picture], step: int) -> None:
-    """Draw each picture once (only if there is a writer) and write it to every writer."""
+def add_pictures(
+    writers: list[Any], pictures: Mapping[str, Picture], step: int, on_error: Optional[Callable[[str, Exception], None]] = None
+) -> None:
+    """Draw each picture once (only if there is a writer) and write it to every writer. A picture
+    that cannot be drawn is left out and handed to ``on_error(tag, error)`` (default: a warning):
+    a picture never stops training."""
     if not writers:
         return
     for tag, picture in pictures.items():
-        image = picture.render()
+        try:
+            image = picture.render()
+        except Exception as error:  # a picture must never stop the user's training
+            if on_error is None:
+                warnings.warn(f"GradHealth: could not draw {tag} ({type(error).__name__}: {error}); it is left out.")
+            else:
+                on_error(tag, error)
+            continue
         for writer in writers:
             writer.add_image(tag, image, step, dataformats="HWC")
 
@@ -82,12 +94,18 @@ def write_step_output(writer: Any, output: StepOutput, step: int) -> None:
     add_pictures([writer], output.pictures, step)
 
 
-def write_outputs(loggers: Iterable[Any], writers: list[Any], output: StepOutput, step: int) -> None:
+def write_outputs(
+    loggers: Iterable[Any],
+    writers: list[Any],
+    output: StepOutput,
+    step: int,
+    on_error: Optional[Callable[[str, Exception], None]] = None,
+) -> None:
     """The callback's way out: scalars to every Lightning logger, histograms and pictures to the
-    TensorBoard writers among them."""
+    TensorBoard writers among them (``on_error``: see :func:`add_pictures`)."""
     log_scalars(loggers, output.scalars, step)
     add_histograms(writers, output.histograms, step)
-    add_pictures(writers, output.pictures, step)
+    add_pictures(writers, output.pictures, step, on_error)
 
 
 def custom_scalars_layout(layer_keys: Sequence[LayerKey], clipping: bool) -> dict[str, dict[str, list[Any]]]:

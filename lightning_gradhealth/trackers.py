@@ -29,10 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradhealth import tags
-from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester, clip_grads_, grad_norms, group_grad_norms, nonfinite_grads
+from lightning_gradhealth.clipping import (
+    ClipStats,
+    ClipThresholdSuggester,
+    clip_grads_,
+    grad_norms,
+    group_grad_norms,
+    nonfinite_grads,
+)
 from lightning_gradhealth.config import MonitorConfig
 from lightning_gradhealth.distributed import Distributed
-from lightning_gradhealth.defaults import CLIP_SUGGESTION_MIN_NORMS, DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
+from lightning_gradhealth.defaults import DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
 from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import WeightRecord
@@ -100,16 +107,27 @@ class IncompatibleState(NamedTuple):
     dropped: list[str]
 
 
-def _restore(state: Mapping[str, Any], loaders: Mapping[str, Callable[[Any], None]]) -> IncompatibleState:
-    """Run ``loaders[name](state[name])`` for every field both know; collect the rest."""
-    dropped = [name for name in state if name not in loaders]
+def _restore(state: Any, loaders: Mapping[str, Callable[[Any], None]]) -> IncompatibleState:
+    """Run ``loaders[name](state[name])`` for every field both know; collect the rest. A loader
+    reads and checks its whole value before it assigns anything, so a field it cannot read
+    (malformed, from another version) is dropped whole and the part keeps its start value."""
+    if not isinstance(state, Mapping):
+        return IncompatibleState(list(loaders), [f"<{type(state).__name__} instead of a mapping>"])
+    dropped = [str(name) for name in state if name not in loaders]
     for name, load in loaders.items():
         if name in state:
             try:
                 load(state[name])
-            except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            except Exception:  # whatever a foreign checkpoint holds, a resume never fails on it
                 dropped.append(name)
     return IncompatibleState([name for name in loaders if name not in state], dropped)
+
+
+def _count(value: Any) -> int:
+    """A checkpointed counter: an integer >= 0."""
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"expected a count, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -148,8 +166,8 @@ class Schedule:
 
     def __init__(self, log_every_n_steps: Optional[int] = None, full_every_n_steps: Optional[int] = None) -> None:
         self.requested = (log_every_n_steps, full_every_n_steps)
-        self.log_every_n_steps = DEFAULT_LOG_EVERY_N_STEPS
-        self.full_every_n_steps = FULL_EVERY_N_LOGS * DEFAULT_LOG_EVERY_N_STEPS
+        self.log_every_n_steps: int
+        self.full_every_n_steps: int
         self.resolve()
         self._measured_step: Optional[int] = None
         self._logged_steps: dict[str, int] = {}
@@ -246,8 +264,12 @@ class TimestepTracker:
         for key in self.grad_norms:
             if key.state == "c" and key.hidden_state in self.grad_norms:
                 continue  # drawn with its output state's curve
-            curves = {str(k): self.grad_norms[k] for k in (key, key.cell_state) if k in self.grad_norms}
-            output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step)
+            if key not in self.history:
+                continue  # its update failed this step (and was named)
+            cell = key.cell_state if key.state == "h" and key.cell_state in self.grad_norms else None
+            curves = {str(k): self.grad_norms[k] for k in (key, cell) if k is not None}
+            dashed = frozenset({str(cell)} if cell is not None else ({str(key)} if key.state == "c" else ()))
+            output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step, dashed)
             steps, rows = zip(*self.history[key])
             output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(steps, rows, str(key))
         return output
@@ -274,12 +296,14 @@ class TimestepTracker:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
         def load_history(entries: Sequence[Mapping[str, Any]]) -> None:
-            self.history = {
-                LayerKey.from_dict(entry["key"]): [
-                    (int(step), torch.as_tensor(norms).numpy()) for step, norms in zip(entry["steps"], entry["norms"])
-                ]
-                for entry in entries
-            }
+            history = {}
+            for entry in entries:
+                steps, norms = entry["steps"], entry["norms"]
+                rows = [(_count(step), torch.as_tensor(row, dtype=torch.float32).numpy()) for step, row in zip(steps, norms)]
+                if len(rows) != len(entry["steps"]) or any(norms.ndim != 1 for _, norms in rows):
+                    raise ValueError("heatmap rows must be one 1-D row of norms per step")
+                history[LayerKey.from_dict(entry["key"])] = rows
+            self.history = history
 
         return _restore(state_dict, {"history": load_history})
 
@@ -309,13 +333,13 @@ class SpectrumTracker:
 
     Attributes:
         spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
-        start: ``{LayerKey: SpectrumSummary}``, each square matrix at the run's first full pass.
+        start_summaries: ``{LayerKey: SpectrumSummary}``, each square matrix at the run's first full pass.
     """
 
     def __init__(self, notices: Notices) -> None:
         self.notices = notices
         self.spectra: dict[str, MatrixSpectrum] = {}
-        self.start: dict[LayerKey, SpectrumSummary] = {}
+        self.start_summaries: dict[LayerKey, SpectrumSummary] = {}
         self._sigma_max: dict[str, SigmaMaxTracker] = {}
 
     def update(self, records: Sequence[WeightRecord], step: int, full: bool) -> StepOutput:
@@ -328,7 +352,7 @@ class SpectrumTracker:
                 spectrum = full_spectrum(record.tensor, len(record.gates))
                 self.spectra[record.full_name] = spectrum
                 if not record.projection:
-                    self.start.setdefault(record.layer_key, summarize_spectrum(spectrum, step))
+                    self.start_summaries.setdefault(record.layer_key, summarize_spectrum(spectrum, step))
                 values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS}
                 finite = spectrum.finite.tolist()
                 output.update(self._distributions(record, spectrum))
@@ -370,7 +394,7 @@ class SpectrumTracker:
     def start_run(self, start_step: Optional[int]) -> None:
         """A new or restarted run records its own start-of-run spectra; ``None`` (resumed) keeps them."""
         if start_step is not None:
-            self.start = {}
+            self.start_summaries = {}
 
     def reset(self) -> None:
         """Forget the latest full spectra."""
@@ -379,24 +403,24 @@ class SpectrumTracker:
     def state_dict(self) -> dict[str, Any]:
         """The start-of-run spectra and the warm-start vectors of the sigma_max iteration."""
         return {
-            "start": [{"key": key.to_dict(), **vars(summary)} for key, summary in self.start.items()],
+            "start": [{"key": key.to_dict(), **vars(summary)} for key, summary in self.start_summaries.items()],
             "sigma_max": {name: tracker.state_dict() for name, tracker in self._sigma_max.items()},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
         def load_start(entries: Sequence[Mapping[str, Any]]) -> None:
-            self.start = {
+            self.start_summaries = {
                 LayerKey.from_dict(entry["key"]): SpectrumSummary(
-                    **{name: entry[name] for name in SpectrumSummary.__dataclass_fields__}
+                    _count(entry["step"]), float(entry["spectral_radius"]), float(entry["sigma_min"]), float(entry["sigma_max"])
                 )
                 for entry in entries
             }
 
         def load_sigma_max(states: Mapping[str, Any]) -> None:
-            self._sigma_max = {}
+            trackers = {str(name): SigmaMaxTracker() for name in states}
             for name, tracker_state in states.items():
-                self._sigma_max[name] = SigmaMaxTracker()
-                self._sigma_max[name].load_state_dict(tracker_state)
+                trackers[str(name)].load_state_dict(tracker_state)
+            self._sigma_max = trackers
 
         return _restore(state_dict, {"start": load_start, "sigma_max": load_sigma_max})
 
@@ -426,7 +450,7 @@ class GradientTracker:
         self.config = config
         self.notices = notices
         self.distributed = Distributed()
-        self.clip_suggester = ClipThresholdSuggester(min_updates=CLIP_SUGGESTION_MIN_NORMS)
+        self.clip_suggester = ClipThresholdSuggester()
         self.latest_clip_stats: Optional[ClipStats] = None
         self.nonfinite_steps = self.skipped_steps = self.clip_steps = 0
         self._clipped_total: Any = 0
@@ -608,10 +632,13 @@ class GradientTracker:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
         def setter(name: str) -> Callable[[Any], None]:
-            return lambda value: setattr(self, name, int(value))
+            return lambda value: setattr(self, name, _count(value))
 
         def load_windows(windows: Mapping[str, Sequence[int]]) -> None:
-            self._clip_windows = {name: (int(clipped), int(steps)) for name, (clipped, steps) in windows.items()}
+            loaded = {str(name): (_count(clipped), _count(steps)) for name, (clipped, steps) in windows.items()}
+            if any(clipped > steps or steps == 0 for clipped, steps in loaded.values()):
+                raise ValueError("a clip window counts more clipped steps than steps")
+            self._clip_windows = loaded
 
         return _restore(
             state_dict,

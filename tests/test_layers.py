@@ -20,7 +20,7 @@ class Encoder(nn.Module):
 
 def test_keys_follow_the_public_naming_contract():
     model = nn.ModuleDict({"encoder": Encoder()})
-    keys = list(dict.fromkeys(str(r.layer_key) for r in find_recurrent_weights(model)))
+    keys = list(dict.fromkeys(r.layer_key for r in find_recurrent_weights(model)))
     assert keys == [
         "encoder.rnn.l0", "encoder.rnn.l0_reverse", "encoder.rnn.l1", "encoder.rnn.l1_reverse",
         "encoder.cell", "encoder.plain.l0",
@@ -73,7 +73,7 @@ class CustomCell(nn.Module):
 def test_custom_patterns_name_hidden_to_hidden_matrices_with_a_gate_count():
     model = nn.ModuleDict({"a": CustomCell(), "b": CustomCell()})
     records = find_recurrent_weights(model, custom={"*.W_hh": 4})
-    assert [(str(r.layer_key), r.role, r.gates, r.fans) for r in records] == [
+    assert [(r.layer_key, r.role, r.gates, r.fans) for r in records] == [
         ("a", "recurrent", ("gate0", "gate1", "gate2", "gate3"), Fans(3, 3)),
         ("b", "recurrent", ("gate0", "gate1", "gate2", "gate3"), Fans(3, 3)),
     ]
