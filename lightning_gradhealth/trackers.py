@@ -266,9 +266,9 @@ class TimestepTracker:
                 continue  # drawn with its output state's curve
             if key not in self.history:
                 continue  # its update failed this step (and was named)
-            cell = key.cell_state if key.state == "h" and key.cell_state in self.grad_norms else None
-            curves = {str(k): self.grad_norms[k] for k in (key, cell) if k is not None}
-            dashed = frozenset({str(cell)} if cell is not None else ({str(key)} if key.state == "c" else ()))
+            drawn = [k for k in dict.fromkeys((key, key.cell_state)) if k in self.grad_norms]
+            curves = {str(k): self.grad_norms[k] for k in drawn}
+            dashed = frozenset(str(k) for k in drawn if k.state == "c")
             output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step, dashed)
             steps, rows = zip(*self.history[key])
             output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(steps, rows, str(key))
