@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, NamedTuple, Optional
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,11 +49,13 @@ __all__ = [
     "TimestepGrads",
     "backward_through_time",
     "fused_timestep_grads",
+    "kernel_weights",
     "gru_backward",
     "lstm_backward",
     "reverse_padded",
     "rnn_backward",
     "saturated_fraction",
+    "state_residual",
     "timestep_norms",
 ]
 
@@ -93,12 +95,16 @@ class TimestepGrads:
         saturation: 0-d tensor, the fraction of the layer's tanh candidate units (RNN ``h_t``,
             LSTM ``g_t``, GRU ``n_t``) over valid steps, batch and units that are saturated
             (:func:`saturated_fraction`); ``None`` for ReLU.
+        residual: 0-d tensor, how far the states recomputed from the inputs and the given
+            previous states are from the given states (:func:`state_residual`): the replay's
+            check of itself.
     """
 
     state: Tensor
     cell: Optional[Tensor]
     input: Tensor
     saturation: Optional[Tensor] = None
+    residual: Optional[Tensor] = None
 
 
 def saturated_fraction(candidates: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
@@ -118,6 +124,32 @@ def saturated_fraction(candidates: Tensor, lengths: Optional[Tensor] = None) -> 
         return saturated.float().mean()
     valid = torch.arange(candidates.shape[0], device=candidates.device)[:, None] < lengths.to(candidates.device)[None, :]
     return (saturated & valid[..., None]).sum() / (valid.sum() * candidates.shape[-1]).clamp(min=1)
+
+
+def state_residual(recomputed: Tensor, states: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    r"""``max |recomputed - states| / max(1, max |states|)`` over the valid steps of each sequence.
+
+    The backward recursions recompute every :math:`h_t` from :math:`x_t` and the given
+    :math:`h_{t-1}`; when these match the given :math:`h_t` (to float precision), the inputs and
+    states the replay was given are those the layer really ran on. Entries where either is NaN
+    or Inf are not compared: their gradients come out non-finite and are reported as such.
+
+    Examples:
+        >>> states = torch.tensor([[[0.5]], [[2.0]]])                   # (T=2, B=1, H=1)
+        >>> state_residual(states + torch.tensor([[[0.0]], [[0.2]]]), states)
+        tensor(0.1000)
+        >>> state_residual(states + torch.tensor([[[0.0]], [[0.2]]]), states, lengths=torch.tensor([1]))
+        tensor(0.)
+    """
+    difference = (recomputed - states).abs().nan_to_num(nan=0.0, posinf=0.0)
+    states = states.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    if lengths is not None:
+        valid = torch.arange(states.shape[0], device=states.device)[:, None] < lengths.to(states.device)[None, :]
+        difference = difference * valid[..., None]
+        states = states * valid[..., None]
+    if difference.numel() == 0:
+        return difference.new_zeros(())
+    return difference.max() / states.abs().max().clamp(min=1.0)
 
 
 def timestep_norms(grads: Tensor) -> Tensor:
@@ -255,8 +287,10 @@ def rnn_backward(
     for t in reversed(range(inputs.shape[0])):
         grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
         carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
+    activation = torch.tanh if nonlinearity == "tanh" else torch.relu
+    residual = state_residual(activation(input_part + recurrent_part), states, lengths)
     saturation = saturated_fraction(states, lengths) if nonlinearity == "tanh" else None
-    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation)
+    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation, residual)
 
 
 @torch.no_grad()
@@ -312,7 +346,9 @@ def gru_backward(
         torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
         carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
     pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
-    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturated_fraction(candidate, lengths))
+    residual = state_residual(torch.lerp(candidate, previous, update), states, lengths)
+    saturation = saturated_fraction(candidate, lengths)
+    return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation, residual)
 
 
 @torch.no_grad()
@@ -400,7 +436,10 @@ def lstm_backward(
         carry_cell = grad_c * gate_forget[t]
         if final_cell_part is not None and t > 0:
             carry_cell = carry_cell + final_cell_part[t - 1]
-    return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih, saturated_fraction(gate_cell, lengths))
+    recomputed = gate_output * tanh_cells
+    residual = state_residual(recomputed if weights.w_hr is None else recomputed @ weights.w_hr.T, states, lengths)
+    saturation = saturated_fraction(gate_cell, lengths)
+    return TimestepGrads(state_grads, cell_grads, pre_activation_grads @ weights.w_ih, saturation, residual)
 
 
 BACKWARD_BY_CELL_TYPE: dict[str, Callable[..., TimestepGrads]] = {
@@ -462,25 +501,33 @@ def backward_through_time(
     return backward(weights, inputs, states, initial_state, output_grads, final_state_grad, lengths, **cell_state)
 
 
-def _layer_parameters(module: nn.RNNBase, layer: int) -> dict[str, Tensor]:
-    """One layer's weights of a fused module (both directions), named as layer 0 of a one-layer module.
-
-    Read by attribute among ``module._flat_weights_names``, the weights the kernel uses.
-    """
+def _layer_parameters(weights: Mapping[str, Tensor], layer: int, bidirectional: bool) -> dict[str, Tensor]:
+    """One layer's weights of a fused module (both directions), named as layer 0 of a one-layer module."""
     kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
     return {
-        f"{kind}_l0{direction}": getattr(module, f"{kind}_l{layer}{direction}")
-        for direction in (("", "_reverse") if module.bidirectional else ("",))
+        f"{kind}_l0{direction}": weights[f"{kind}_l{layer}{direction}"]
+        for direction in (("", "_reverse") if bidirectional else ("",))
         for kind in kinds
-        if f"{kind}_l{layer}{direction}" in module._flat_weights_names
+        if f"{kind}_l{layer}{direction}" in weights
     }
+
+
+def kernel_weights(module: nn.RNNBase) -> dict[str, Tensor]:
+    """The weights a fused module's kernel runs with, by name: ``module._flat_weights_names``."""
+    return {name: getattr(module, name) for name in module._flat_weights_names}
 
 
 _BUILT_IN_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
 
 
 def _layer_forward(
-    module: nn.RNNBase, layer: int, inputs: Tensor, states: Tensor, cells: Optional[Tensor], lengths: Optional[Tensor]
+    module: nn.RNNBase,
+    weights: Mapping[str, Tensor],
+    layer: int,
+    inputs: Tensor,
+    states: Tensor,
+    cells: Optional[Tensor],
+    lengths: Optional[Tensor],
 ) -> Tensor:
     """The output sequence of one layer (both directions) of ``module``, time-major and padded."""
     built_in = next(layer_class for layer_class in _BUILT_IN_LAYERS if isinstance(module, layer_class))
@@ -497,7 +544,8 @@ def _layer_forward(
     hx = states if cells is None else (states, cells)
     sequence: Any = inputs if lengths is None else pack_padded_sequence(inputs, lengths, enforce_sorted=False)
     # in the probe's dtype (float32 for bf16/fp16 weights, as under precision="bf16-true"), like its inputs
-    parameters = {name: weight.to(inputs.dtype) for name, weight in _layer_parameters(module, layer).items()}
+    layer_weights = _layer_parameters(weights, layer, module.bidirectional)
+    parameters = {name: weight.to(inputs.dtype) for name, weight in layer_weights.items()}
     output, _ = functional_call(one_layer, parameters, (sequence, hx))
     return output if lengths is None else pad_packed_sequence(output, total_length=inputs.shape[0])[0]
 
@@ -515,14 +563,19 @@ def fused_timestep_grads(
     final_cell_grad: Optional[Tensor] = None,
     *,
     outputs: Optional[Tensor] = None,
+    layer_outputs: Optional[Sequence[Tensor]] = None,
+    dropout_masks: Optional[Sequence[Tensor]] = None,
+    weights: Optional[Mapping[str, Tensor]] = None,
     lengths: Optional[Tensor] = None,
     grad_scale: float = 1.0,
 ) -> dict[tuple[int, bool], TimestepGrads]:
     """Exact per-timestep total gradients of every layer and direction of a fused module.
 
-    Lower layers' states are recomputed with the layer's own kernel; layers are processed top
-    down, each layer's input gradient being the direct gradient of the layer below. Everything
-    runs on the weights' device, in float32 (float64 for float64 weights), under ``torch.no_grad()``.
+    Layers are processed top down, each layer's input gradient being the direct gradient of the
+    layer below (through the dropout mask between them, if any). The states of the layers below
+    the top are recomputed with the layer's own kernel unless ``layer_outputs`` gives them.
+    Everything runs on the weights' device, in float32 (float64 for float64 weights), under
+    ``torch.no_grad()``.
 
     Args:
         module: the ``nn.RNN``/``nn.LSTM``/``nn.GRU`` whose call is measured.
@@ -534,17 +587,20 @@ def fused_timestep_grads(
         final_state_grad: ``(L * D, B, H_out)`` the gradient that reached h_n, or ``None``.
         final_cell_grad: ``(L * D, B, H)`` the gradient that reached an LSTM's c_n, or ``None``.
         outputs: ``(T, B, D * H_out)`` the output sequence the call produced, time-major, which
-            spares recomputing the top layer; ``None`` recomputes every layer. Pass ``None``
-            for a call that ran inter-layer dropout, whose masks the kernel keeps to itself:
-            the measurement is then that of the dropout-free network under the real upstream
-            gradients, not of the masked one.
+            spares recomputing the top layer.
+        layer_outputs: the output sequence of every layer, ``(T, B, D * H_out)`` each, when the
+            call ran layer by layer (then nothing is recomputed).
+        dropout_masks: the ``L - 1`` inter-layer dropout masks the call applied, ``(T, B, D * H_out)``
+            each (scaled: 0 or ``1 / (1 - p)``); layer ``l + 1`` read ``layer_outputs[l] * mask``.
+        weights: the weights the kernel ran with, by name (``weight_ih_l0``, ...); default the
+            module's own (:func:`kernel_weights`).
         lengths: ``(B,)`` valid steps per sequence (packed input), or ``None``.
         grad_scale: the gradients are divided by it (the AMP loss scale they were taken under).
 
     Returns:
         ``{(layer, reverse): TimestepGrads}``: one entry per layer and direction (``reverse``
         is ``True`` for the backward direction of a bidirectional layer), entries indexed by
-        input position (the reverse direction unflipped).
+        input position (the reverse direction unflipped), each with its ``residual``.
 
     Examples:
         >>> gru = nn.GRU(3, 4, num_layers=2, bidirectional=True)
@@ -552,53 +608,55 @@ def fused_timestep_grads(
         >>> sorted(grads), tuple(grads[1, True].state.shape)
         ([(0, False), (0, True), (1, False), (1, True)], (5, 2, 4))
     """
-    weight = module.weight_hh_l0
+    weights = kernel_weights(module) if weights is None else weights
+    weight = weights["weight_hh_l0"]
     dtype = torch.promote_types(weight.dtype, torch.float32)
     directions = 2 if module.bidirectional else 1
     width = module.proj_size or module.hidden_size
 
-    def prepared(tensor: Optional[Tensor]) -> Optional[Tensor]:
-        return None if tensor is None else tensor.to(device=weight.device, dtype=dtype) / grad_scale
+    def prepared(tensor: Optional[Tensor], scale: float = 1.0) -> Optional[Tensor]:
+        return None if tensor is None else tensor.to(device=weight.device, dtype=dtype) / scale
 
-    layer_inputs = [inputs.to(device=weight.device, dtype=dtype)]
-    states = initial_states.to(weight.device, dtype)
-    cells = None if initial_cells is None else initial_cells.to(weight.device, dtype)
-    recomputed_layers = module.num_layers if outputs is None else module.num_layers - 1
-    for layer in range(recomputed_layers):
-        rows = slice(layer * directions, (layer + 1) * directions)
-        layer_inputs.append(
-            _layer_forward(module, layer, layer_inputs[-1], states[rows], None if cells is None else cells[rows], lengths)
-        )
-    layer_outputs = layer_inputs[1:]
-    if outputs is not None:
-        layer_outputs.append(outputs.to(weight.device, dtype))
+    masks = [prepared(mask) for mask in dropout_masks or ()]
+    states = prepared(initial_states)
+    cells = prepared(initial_cells)
+    layer_inputs = [prepared(inputs)]
+    if layer_outputs is not None:
+        outputs_by_layer = [prepared(output) for output in layer_outputs]
+        layer_inputs += [output * mask for output, mask in zip(outputs_by_layer[:-1], masks)] if masks else outputs_by_layer[:-1]
+    else:
+        for layer in range(module.num_layers if outputs is None else module.num_layers - 1):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_cells = None if cells is None else cells[rows]
+            layer_inputs.append(_layer_forward(module, weights, layer, layer_inputs[-1], states[rows], layer_cells, lengths))
+        outputs_by_layer = layer_inputs[1:] + ([prepared(outputs)] if outputs is not None else [])
 
-    direct = prepared(output_grad)
+    direct = prepared(output_grad, grad_scale)
     if direct is None:
-        direct = torch.zeros_like(layer_outputs[-1])
-    final_states = prepared(final_state_grad)
-    final_cells = prepared(final_cell_grad)
+        direct = torch.zeros_like(outputs_by_layer[-1])
+    final_states = prepared(final_state_grad, grad_scale)
+    final_cells = prepared(final_cell_grad, grad_scale)
 
     results: dict[tuple[int, bool], TimestepGrads] = {}
     for layer in reversed(range(module.num_layers)):
         below = torch.zeros_like(layer_inputs[layer])
         for direction in range(directions):
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            weights = CellWeights(
-                getattr(module, "weight_ih" + suffix),
-                getattr(module, "weight_hh" + suffix),
-                getattr(module, "bias_ih" + suffix, None),
-                getattr(module, "bias_hh" + suffix, None),
-                getattr(module, "weight_hr" + suffix, None),
+            cell_weights = CellWeights(
+                weights["weight_ih" + suffix],
+                weights["weight_hh" + suffix],
+                weights.get("bias_ih" + suffix),
+                weights.get("bias_hh" + suffix),
+                weights.get("weight_hr" + suffix),
             ).to(dtype)
             columns = slice(direction * width, (direction + 1) * width)
             row = layer * directions + direction
             order = (lambda t: reverse_padded(t, lengths)) if direction else (lambda t: t)
             grads = backward_through_time(
                 cell_type_of(module),
-                weights,
+                cell_weights,
                 order(layer_inputs[layer]),
-                order(layer_outputs[layer][..., columns]),
+                order(outputs_by_layer[layer][..., columns]),
                 states[row],
                 order(direct[..., columns]),
                 None if final_states is None else final_states[row],
@@ -607,9 +665,13 @@ def fused_timestep_grads(
                 lengths,
             )
             unflipped = TimestepGrads(
-                order(grads.state), None if grads.cell is None else order(grads.cell), order(grads.input), grads.saturation
+                order(grads.state),
+                None if grads.cell is None else order(grads.cell),
+                order(grads.input),
+                grads.saturation,
+                grads.residual,
             )
             results[layer, bool(direction)] = unflipped
             below += unflipped.input
-        direct = below
+        direct = below * masks[layer - 1] if masks and layer > 0 else below
     return results

@@ -6,6 +6,8 @@ docstrings elsewhere refer to these names instead of repeating the values.
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CLIP_SUGGESTION_MIN_NORMS",
@@ -14,9 +16,11 @@ __all__ = [
     "FULL_EVERY_N_LOGS",
     "HISTORY_SIZE",
     "HORIZON_FACTOR",
+    "REPLAY_TOLERANCE",
     "SATURATED_TANH",
     "SATURATING_ABOVE",
     "VANISH_BELOW",
+    "replay_tolerance",
 ]
 
 DEFAULT_LOG_EVERY_N_STEPS = 50
@@ -53,6 +57,24 @@ units are saturated (see :data:`SATURATED_TANH`)."""
 CLIP_SUGGESTION_MIN_NORMS = 100
 """Gradient norms seen before a ``clip_val`` is suggested: our reading of Pascanu et al.'s
 "a sufficiently large number of updates"."""
+
+REPLAY_TOLERANCE = 1e-4
+"""The replay of a fused layer checks itself: every state it recomputes from the captured input
+and the previous captured state must match the state the layer computed to this relative
+difference (float32 kernels and the replay differ by about 1e-6), or to 8 units of the last
+place of a lower precision the layer ran in (:func:`replay_tolerance`)."""
+
+
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """The self-check's tolerance for states computed in ``dtype``: :data:`REPLAY_TOLERANCE`, or
+    8 units of the last place of a half-precision dtype.
+
+    Examples:
+        >>> replay_tolerance(torch.float32), replay_tolerance(torch.bfloat16)
+        (0.0001, 0.0625)
+    """
+    return max(REPLAY_TOLERANCE, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else REPLAY_TOLERANCE
+
 
 CHECKPOINT_FORMAT = 1
 """The version of the state GradHealth writes into checkpoints. 0 is the unversioned state of

@@ -313,17 +313,18 @@ class GradHealthMonitor:
         matrices = {r.layer_key: r for r in self.recurrent_weights if r.role == "recurrent" and not r.projection}
         timesteps, spectra = self.timestep_tracker, self.spectrum_tracker
         layers = []
-        for key in self.layer_keys:
+        later_calls = [key for key in timesteps.summaries if key.call and key.state == "h"]  # see LayerKey.call
+        for key in [*self.layer_keys, *later_calls]:
             summary = timesteps.summaries.get(key)
             saturation = timesteps.saturation.get(key)
             verdict, reason = layer_verdict(summary, saturation, self.config.vanish_below, self.config.explode_above)
-            record = matrices.get(key)
+            record = matrices.get(key.first_call)
             end = spectra.spectra.get(record.full_name) if record is not None else None
             layers.append(
                 LayerHealth(
                     layer=str(key),
-                    init=self.init_schemes.get(key),
-                    spectrum_start=spectra.start_summaries.get(key),
+                    init=self.init_schemes.get(key.first_call),
+                    spectrum_start=spectra.start_summaries.get(key.first_call),
                     spectrum_end=None if end is None else summarize_spectrum(end, step),
                     timesteps=summary,
                     saturation=saturation,

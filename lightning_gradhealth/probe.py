@@ -43,9 +43,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradhealth.bptt import TimestepGrads, fused_timestep_grads, timestep_norms
+from lightning_gradhealth.bptt import TimestepGrads, fused_timestep_grads, kernel_weights, timestep_norms
+from lightning_gradhealth.defaults import replay_tolerance
 from lightning_gradhealth.keys import LayerKey, by_name
 from lightning_gradhealth.layers import fused_layer_keys
 
@@ -76,25 +78,116 @@ class ProbeResult:
         return by_name(self.norms)
 
 
+_KERNELS: dict[Any, str] = {
+    torch._VF.lstm: "lstm",
+    torch._VF.gru: "gru",
+    torch._VF.rnn_tanh: "rnn_tanh",
+    torch._VF.rnn_relu: "rnn_relu",
+}
+"""The fused kernels every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` forward ends in, by cell type."""
+
+
+@dataclass
+class KernelCall:
+    """The arguments of one call of a fused kernel (``torch._VF.lstm`` and its kin), which take
+    either a padded input ``(input, hx, weights, has_biases, num_layers, dropout, train,
+    bidirectional, batch_first)`` or packed data ``(data, batch_sizes, hx, weights, has_biases,
+    num_layers, dropout, train, bidirectional)``."""
+
+    data: Tensor
+    batch_sizes: Optional[Tensor]
+    hx: tuple[Tensor, ...]
+    weights: list[Tensor]
+    has_biases: bool
+    num_layers: int
+    dropout: float
+    train: bool
+    bidirectional: bool
+    batch_first: bool
+
+    @classmethod
+    def parse(cls, args: Sequence[Any]) -> KernelCall:
+        """Read a kernel call's positional arguments (``hx`` is a tuple for the LSTM, a tensor otherwise)."""
+        packed = isinstance(args[3], (list, tuple))
+        data, batch_sizes, rest = (args[0], args[1], args[2:]) if packed else (args[0], None, args[1:])
+        hx, weights, has_biases, num_layers, dropout, train, bidirectional = rest[:7]
+        batch_first = False if packed else bool(rest[7])
+        hx = tuple(hx) if isinstance(hx, (list, tuple)) else (hx,)
+        return cls(data, batch_sizes, hx, list(weights), bool(has_biases), int(num_layers), float(dropout), bool(train),
+                   bool(bidirectional), batch_first)
+
+    def arguments(self, data: Tensor, hx: tuple[Tensor, ...], weights: list[Tensor]) -> tuple[Any, ...]:
+        """The arguments of the same kernel for one layer without dropout, on ``data``."""
+        state: Any = hx if len(hx) > 1 else hx[0]
+        common = (weights, self.has_biases, 1, 0.0, self.train, self.bidirectional)
+        if self.batch_sizes is not None:
+            return (data, self.batch_sizes, state, *common)
+        return (data, state, *common, self.batch_first)
+
+    def time_major(self, sequence: Tensor, steps: Optional[int] = None) -> Tensor:
+        """A sequence tensor of this call (input, output, one of their gradients) as ``(T, B, F)``, zero-padded."""
+        if self.batch_sizes is not None:
+            return pad_packed_sequence(PackedSequence(sequence, self.batch_sizes), total_length=steps)[0]
+        return sequence.transpose(0, 1) if self.batch_first else sequence
+
+
+def run_layer_by_layer(kernel: Callable[..., Any], call: KernelCall) -> tuple[Any, list[Tensor], list[Tensor]]:
+    """Run a stacked call with inter-layer dropout one layer at a time, with explicit masks.
+
+    Each mask is a fresh Bernoulli(1 - p) draw scaled by 1 / (1 - p), as the kernel's own
+    dropout is, so the step stays a correct draw of the same model; the masks and every layer's
+    output are kept for the replay. Returns the kernel's output tuple, the layers' output
+    sequences and the ``num_layers - 1`` masks.
+    """
+    directions = 2 if call.bidirectional else 1
+    per_layer = len(call.weights) // call.num_layers
+    layer_input, layer_outputs, masks, finals = call.data, [], [], []
+    for layer in range(call.num_layers):
+        rows = slice(layer * directions, (layer + 1) * directions)
+        weights = call.weights[layer * per_layer : (layer + 1) * per_layer]
+        output = kernel(*call.arguments(layer_input, tuple(state[rows] for state in call.hx), weights))
+        layer_outputs.append(output[0])
+        finals.append(output[1:])
+        if layer < call.num_layers - 1:
+            mask = torch.empty_like(output[0]).bernoulli_(1 - call.dropout).div_(1 - call.dropout)
+            masks.append(mask)
+            layer_input = output[0] * mask
+    stacked = tuple(torch.cat([final[index] for final in finals]) for index in range(len(finals[0])))
+    return (layer_outputs[-1], *stacked), layer_outputs, masks
+
+
 @dataclass
 class FusedCapture:
-    """What one call of a fused layer leaves for the probe, time-major and padded.
+    """What one kernel call of a fused layer leaves for the probe, time-major and padded.
 
-    ``inputs``, ``outputs`` and the initial states are detached copies taken at forward time;
-    the three gradients are filled by tensor hooks during the backward pass (``None`` where
-    the loss does not depend on that output). ``to_time_major`` turns the raw gradient of the
-    output (packed, batch-first or unbatched, like the output itself) into ``(T, B, F)``.
-    ``dropout_active``: the call ran inter-layer dropout, whose masks the kernel keeps to itself.
+    The tensors are detached, taken at forward time from what the kernel itself was given and
+    returned (after whatever the module's own ``forward`` did: packing, permuting, unsqueezing);
+    the three gradients are filled by tensor hooks on the kernel's outputs during the backward
+    pass (``None`` where the loss does not depend on that output).
+
+    Attributes:
+        call: the kernel call (its arguments, for turning gradients time-major).
+        inputs, outputs: ``(T, B, F)`` the call's input and output sequences.
+        initial_states, initial_cells: h_0 (and an LSTM's c_0), ``(L * D, B, .)``.
+        lengths: ``(B,)`` valid steps per sequence of packed data, else ``None``.
+        weights: the kernel's weights that are not the module's own parameters of the same
+            name (e.g. weights a wrapper dropped or reparametrized in ``forward``), by name.
+        layer_outputs, dropout_masks: every layer's output and the inter-layer dropout masks,
+            ``(T, B, F)`` each, when the call ran layer by layer (:func:`run_layer_by_layer`).
+        precision: the dtype the kernel computed in (autocast's when it was on), which sets
+            the tolerance of the replay's self-check.
     """
 
+    call: KernelCall
+    precision: torch.dtype
     inputs: Tensor
     outputs: Tensor
     initial_states: Tensor
     initial_cells: Optional[Tensor]
     lengths: Optional[Tensor]
-    to_time_major: Callable[[Tensor], Tensor]
-    batched: bool
-    dropout_active: bool
+    weights: dict[str, Tensor]
+    layer_outputs: Optional[list[Tensor]] = None
+    dropout_masks: Optional[list[Tensor]] = None
     output_grad: Optional[Tensor] = None
     final_state_grad: Optional[Tensor] = None
     final_cell_grad: Optional[Tensor] = None
@@ -108,19 +201,19 @@ class FusedCapture:
     def timestep_grads(self, module: nn.RNNBase, grad_scale: float = 1.0) -> dict[tuple[int, bool], TimestepGrads]:
         """:func:`~lightning_gradhealth.bptt.fused_timestep_grads` of this call of ``module``:
         ``{(layer, reverse): TimestepGrads}``, gradients divided by ``grad_scale``."""
-
-        def as_batched(grad: Optional[Tensor]) -> Optional[Tensor]:  # h_n and c_n of an unbatched call lack B
-            return grad if grad is None or self.batched else grad.unsqueeze(1)
-
+        steps = self.inputs.shape[0]
         return fused_timestep_grads(
             module,
             self.inputs,
             self.initial_states,
             self.initial_cells,
-            None if self.output_grad is None else self.to_time_major(self.output_grad),
-            as_batched(self.final_state_grad),
-            as_batched(self.final_cell_grad),
-            outputs=None if self.dropout_active else self.outputs,
+            None if self.output_grad is None else self.call.time_major(self.output_grad, steps),
+            self.final_state_grad,
+            self.final_cell_grad,
+            outputs=self.outputs,
+            layer_outputs=self.layer_outputs,
+            dropout_masks=self.dropout_masks,
+            weights={**kernel_weights(module), **self.weights},
             lengths=self.lengths,
             grad_scale=grad_scale,
         )
@@ -129,73 +222,96 @@ class FusedCapture:
 def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
     """A tensor hook that adds the incoming gradient into ``capture.<name>`` (it may fire again with retain_graph)."""
 
-    def hook(grad: Tensor) -> None:
+    def hook(grad: Optional[Tensor]) -> None:
+        if grad is None:  # an output of a multi-output kernel that the loss does not reach
+            return
         previous = getattr(capture, name)
         setattr(capture, name, grad.detach() if previous is None else previous + grad.detach())
 
     return hook
 
 
-def capture_fused_call(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Optional[FusedCapture]:
-    """Record one forward call of ``module`` and hook the gradients of its outputs.
+def capture_kernel_call(
+    module: nn.RNNBase,
+    call: KernelCall,
+    output: Sequence[Tensor],
+    layer_outputs: Optional[list[Tensor]] = None,
+    dropout_masks: Optional[list[Tensor]] = None,
+) -> Optional[FusedCapture]:
+    """Record one kernel call of ``module`` and hook the gradients of its outputs.
 
     Returns ``None`` when no output requires grad (nothing will flow back through this call).
 
     Raises:
-        ValueError: the call does not look like the built-in layer's (a subclass with another
-            signature or output), so it cannot be measured.
+        ValueError: the kernel's weights are not those the module declares.
     """
-    inputs = args[0] if args else kwargs.get("input")
-    hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    if not isinstance(output, tuple) or len(output) != 2 or not isinstance(inputs, (Tensor, PackedSequence)):
-        raise ValueError("its forward takes or returns something other than the built-in layer's (input, hx) -> (output, h_n)")
-    sequence, finals = output
-    final_state, final_cell = finals if isinstance(finals, tuple) else (finals, None)
-    if isinstance(inputs, PackedSequence):
-        padded_inputs, lengths = pad_packed_sequence(inputs)
-        padded_outputs, _ = pad_packed_sequence(sequence)
-        steps, batched, grad_target = padded_outputs.shape[0], True, sequence.data
-
-        def to_time_major(grad: Tensor) -> Tensor:
-            packed = PackedSequence(grad, sequence.batch_sizes, sequence.sorted_indices, sequence.unsorted_indices)
-            return pad_packed_sequence(packed, total_length=steps)[0]
-
-    else:
-        batched, lengths, grad_target = inputs.dim() == 3, None, sequence
-        if not batched:
-            to_time_major = lambda grad: grad.unsqueeze(1)  # noqa: E731
-        elif module.batch_first:
-            to_time_major = lambda grad: grad.transpose(0, 1)  # noqa: E731
-        else:
-            to_time_major = lambda grad: grad  # noqa: E731
-        padded_inputs, padded_outputs = to_time_major(inputs), to_time_major(sequence)
-    if not (grad_target.requires_grad or final_state.requires_grad):
+    sequence, final_state, final_cell = output[0], output[1], output[2] if len(output) > 2 else None
+    if not (sequence.requires_grad or final_state.requires_grad):
         return None
+    names = module._flat_weights_names
+    if len(names) != len(call.weights):
+        raise ValueError(f"its kernel ran with {len(call.weights)} weights where the module declares {len(names)}")
+    steps = None
+    inputs = call.time_major(call.data)
+    lengths = None
+    if call.batch_sizes is not None:
+        inputs, lengths = pad_packed_sequence(PackedSequence(call.data, call.batch_sizes))
+        steps = inputs.shape[0]
 
-    directions = 2 if module.bidirectional else 1
-    state_shape = (module.num_layers * directions, padded_inputs.shape[1], module.proj_size or module.hidden_size)
-    cell_shape = (*state_shape[:2], module.hidden_size)
-    initial = hx if isinstance(hx, tuple) else (hx, None)
-    as_batched = (lambda t: t) if batched else (lambda t: t.unsqueeze(1))
-    initial_states = padded_outputs.new_zeros(state_shape) if initial[0] is None else as_batched(initial[0]).detach()
-    initial_cells = None
-    if isinstance(module, nn.LSTM):
-        initial_cells = padded_outputs.new_zeros(cell_shape) if initial[1] is None else as_batched(initial[1]).detach()
-    dropout_active = module.training and module.dropout > 0 and module.num_layers > 1
+    def detached(sequences: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
+        return None if sequences is None else [call.time_major(s.detach(), steps) for s in sequences]
+
+    device = sequence.device.type
+    autocast = torch.is_autocast_enabled(device)
     capture = FusedCapture(
-        padded_inputs.detach(),
-        padded_outputs.detach(),
-        initial_states,
-        initial_cells,
+        call,
+        torch.get_autocast_dtype(device) if autocast else sequence.dtype,
+        inputs.detach(),
+        call.time_major(sequence.detach(), steps),
+        call.hx[0].detach(),
+        call.hx[1].detach() if len(call.hx) > 1 else None,
         lengths,
-        to_time_major,
-        batched,
-        dropout_active,
+        {name: w.detach() for name, w in zip(names, call.weights) if w is not getattr(module, name, None)},
+        detached(layer_outputs),
+        detached(dropout_masks),
     )
-    for tensor, name in ((grad_target, "output_grad"), (final_state, "final_state_grad"), (final_cell, "final_cell_grad")):
+    for tensor, name in ((sequence, "output_grad"), (final_state, "final_state_grad"), (final_cell, "final_cell_grad")):
         if tensor is not None and tensor.requires_grad:
             capture.handles.append(tensor.register_hook(_accumulate(capture, name)))
     return capture
+
+
+class _KernelSpy(TorchFunctionMode):
+    """Active while an armed probe's fused module runs: records the module's calls of its fused
+    kernel, however its ``forward`` reached them, and runs a stack with inter-layer dropout layer
+    by layer (:func:`run_layer_by_layer`) so that the replay knows the masks."""
+
+    def __init__(
+        self,
+        record: Callable[[KernelCall, Any, Optional[list[Tensor]], Optional[list[Tensor]]], None],
+        fail: Callable[[Exception], None],
+    ) -> None:
+        super().__init__()
+        self.record, self.fail = record, fail
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _KERNELS:
+            return func(*args, **kwargs)
+        try:  # a measurement must never stop the user's training: any surprise runs the kernel as called
+            if kwargs:
+                raise ValueError("its kernel was called with keyword arguments")
+            call = KernelCall.parse(args)
+            if call.dropout > 0 and call.train and call.num_layers > 1:
+                output, layer_outputs, masks = run_layer_by_layer(func, call)
+                self.record(call, output, layer_outputs, masks)
+                return output
+        except Exception as error:
+            self.fail(error)
+            return func(*args, **kwargs)
+        output = func(*args)
+        self.record(call, output, None, None)
+        return output
 
 
 class _InertHook:
@@ -269,8 +385,8 @@ class TimestepProbe:
         fused: ``{module name: module}`` of the fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` watched.
         cells: ``{module name: module}`` of the cells watched (built-in and custom).
         armed: whether the hooks capture the calls they see.
-        repeated_calls: names of fused modules called more than once in a captured pass.
-        dropout_calls: names of fused modules that ran inter-layer dropout in a captured pass.
+        unreproduced: ``{module name: reason}`` of the fused modules whose replay did not
+            reproduce their states in some step (that step's measurement of them was dropped).
         failures: ``{module name: reason}`` of the modules the probe could not measure.
 
     Raises:
@@ -290,10 +406,10 @@ class TimestepProbe:
             elif isinstance(module, nn.RNNCellBase) or any(fnmatch.fnmatchcase(name, p) for p in custom_cells):
                 self.cells[name] = module
         self.armed = False
-        self.repeated_calls: set[str] = set()
-        self.dropout_calls: set[str] = set()
         self.failures: dict[str, str] = {}
+        self.unreproduced: dict[str, str] = {}
         self._fused_captures: dict[str, list[FusedCapture]] = {}
+        self._spies: dict[str, list[Optional[_KernelSpy]]] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -308,13 +424,15 @@ class TimestepProbe:
         if self._handles:
             return
         for name, module in self.fused.items():
-            self._register(module, self._fused_hook(name), with_kwargs=True)
+            self._register(module, self._spy_start(name), pre=True)
+            self._register(module, self._spy_stop(name), always_call=True)
         for name, module in self.cells.items():
             self._register(module, self._cell_hook(name))
 
-    def _register(self, module: nn.Module, hook: Callable[..., None], **kwargs: Any) -> None:
+    def _register(self, module: nn.Module, hook: Callable[..., None], pre: bool = False, **kwargs: Any) -> None:
         probe_hook = _ProbeHook(hook, self._handles)
-        probe_hook.handle = module.register_forward_hook(probe_hook, **kwargs)
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        probe_hook.handle = register(probe_hook, **kwargs)
         self._handles.append(probe_hook.handle)
 
     def detach(self) -> None:
@@ -352,25 +470,49 @@ class TimestepProbe:
         self._fused_captures.clear()
         self._cell_calls.clear()
 
-    def _fused_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self.armed or name in self.failures:
-                return
-            try:
-                capture = capture_fused_call(module, args, kwargs, output)
-            except Exception as error:  # a measurement must never stop the user's training
-                self.failures[name] = f"{type(error).__name__}: {error}"
-                return
-            if capture is None:
-                return
-            captures = self._fused_captures.setdefault(name, [])
-            if captures:
-                self.repeated_calls.add(name)
-            captures.append(capture)
-            if capture.dropout_active:
-                self.dropout_calls.add(name)
+    def _spy_start(self, name: str) -> Callable[..., None]:
+        """The forward pre-hook of a fused module: on an armed pass, watch its kernel calls."""
+
+        def hook(module: nn.RNNBase, args: tuple[Any, ...]) -> None:
+            spy = None
+            if self.armed and name not in self.failures:
+                spy = _KernelSpy(
+                    lambda call, output, layers, masks: self._record(name, module, call, output, layers, masks),
+                    lambda error: self.failures.setdefault(name, f"{type(error).__name__}: {error}"),
+                )
+                spy.__enter__()
+            self._spies.setdefault(name, []).append(spy)
 
         return hook
+
+    def _spy_stop(self, name: str) -> Callable[..., None]:
+        """The forward hook of a fused module (also on an exception): stop watching."""
+
+        def hook(module: nn.RNNBase, args: tuple[Any, ...], output: Any) -> None:
+            spies = self._spies.get(name)
+            spy = spies.pop() if spies else None
+            if spy is not None:
+                spy.__exit__(None, None, None)
+
+        return hook
+
+    def _record(
+        self,
+        name: str,
+        module: nn.RNNBase,
+        call: KernelCall,
+        output: Any,
+        layer_outputs: Optional[list[Tensor]],
+        masks: Optional[list[Tensor]],
+    ) -> None:
+        """Keep one kernel call of the fused module ``name``; a call that cannot be read names the module."""
+        try:
+            capture = capture_kernel_call(module, call, output, layer_outputs, masks)
+        except Exception as error:  # a measurement must never stop the user's training
+            self.failures[name] = f"{type(error).__name__}: {error}"
+            return
+        if capture is not None:
+            self._fused_captures.setdefault(name, []).append(capture)
 
     def _cell_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -405,19 +547,17 @@ class TimestepProbe:
         try:
             with torch.no_grad():
                 for name, captures in self._fused_captures.items():
-                    capture = next((c for c in captures if c.received_gradient), captures[0])
-                    try:
-                        layer_grads = capture.timestep_grads(self.fused[name], grad_scale)
-                    except Exception as error:  # a measurement must never stop the user's training
-                        self.failures[name] = f"{type(error).__name__}: {error}"
-                        continue
-                    for layer, reverse in sorted(layer_grads):  # model order
-                        grads, key = layer_grads[layer, reverse], LayerKey(name, layer, reverse)
-                        norms[key] = timestep_norms(grads.state)
-                        if grads.saturation is not None:
-                            saturation[key] = grads.saturation
-                        if grads.cell is not None:
-                            norms[key.cell_state] = timestep_norms(grads.cell)
+                    # every call the loss reached, in the order they ran; if none did, the first (all zeros)
+                    reached = [capture for capture in captures if capture.received_gradient] or captures[:1]
+                    for index, capture in enumerate(reached):
+                        measured = self._measure_call(name, capture, grad_scale)
+                        for (layer, reverse), grads in sorted(measured.items()):  # model order
+                            key = LayerKey(name, layer, reverse, call=index)
+                            norms[key] = timestep_norms(grads.state)
+                            if grads.saturation is not None:
+                                saturation[key] = grads.saturation
+                            if grads.cell is not None:
+                                norms[key.cell_state] = timestep_norms(grads.cell)
                 for name, calls in self._cell_calls.items():
                     key = LayerKey(name)
                     norms[key] = _call_norms(calls.state_grads) / grad_scale
@@ -430,23 +570,38 @@ class TimestepProbe:
             {key: float(value) for key, value in saturation.items()},
         )
 
+    def _measure_call(self, name: str, capture: FusedCapture, grad_scale: float) -> dict[tuple[int, bool], TimestepGrads]:
+        """One call's replay, if it reproduces the states the layer computed; else nothing, and the
+        module is named in :attr:`unreproduced` (or in :attr:`failures` if the replay fails)."""
+        try:
+            measured = capture.timestep_grads(self.fused[name], grad_scale)
+        except Exception as error:  # a measurement must never stop the user's training
+            self.failures[name] = f"{type(error).__name__}: {error}"
+            return {}
+        tolerance = replay_tolerance(capture.precision)
+        residual = max((float(grads.residual) for grads in measured.values() if grads.residual is not None), default=0.0)
+        if not residual <= tolerance:
+            self.unreproduced.setdefault(
+                name,
+                f"the states recomputed from its captured input differ from those it computed by {residual:.2g} "
+                f"(relative; the tolerance is {tolerance:.2g})",
+            )
+            return {}
+        return measured
+
     def notices(self) -> dict[tuple[str, str], str]:
         """What the probe could not measure exactly so far, ``{(kind, module name): message}``.
 
-        Kinds: ``"repeated"`` (a module called several times in one step, see
-        :attr:`repeated_calls`), ``"dropout"`` (:attr:`dropout_calls`) and ``"failure"`` (a
-        module left out, :attr:`failures`). The messages are full sentences, for a warning.
+        Kinds: ``"unreproduced"`` (a step whose replay did not reproduce the layer's states,
+        see :attr:`unreproduced`: nothing is reported for that module in that step) and
+        ``"failure"`` (a module left out, :attr:`failures`). The messages are full sentences,
+        for a warning.
         """
         return {
             **{
-                ("repeated", name): f"{name!r} runs several times per training step; "
-                "the first call that the loss reaches is measured."
-                for name in self.repeated_calls
-            },
-            **{
-                ("dropout", name): f"{name!r} applies inter-layer dropout, whose masks the fused kernel keeps to itself; its "
-                "dL/dh_t is measured on the same layers without dropout, under the real upstream gradients."
-                for name in self.dropout_calls
+                ("unreproduced", name): f"dL/dh_t of {name!r} is not reported for a step where its replay did not "
+                f"reproduce the layer's own output: {reason}. Such steps are left out rather than measured wrongly."
+                for name, reason in self.unreproduced.items()
             },
             **{
                 ("failure", name): f"cannot measure dL/dh_t of {name!r} ({reason}); it is left out, training goes on."

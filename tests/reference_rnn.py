@@ -36,8 +36,17 @@ def cell_step(cell_type: str, module: nn.Module, suffix: str, x: Tensor, h: Tens
     return (h_new if w_hr is None else h_new @ w_hr.T), c_new
 
 
-def unrolled(module: nn.Module, cell_type: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor] = None):
-    """Run a fused module by hand. ``x`` is time-major ``(T, B, I)``; ``h0``/``c0`` are ``(L*D, B, .)``.
+def unrolled(
+    module: nn.Module,
+    cell_type: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    lengths: Optional[Tensor] = None,
+    dropout_masks: Optional[list[Tensor]] = None,
+):
+    """Run a fused module by hand. ``x`` is time-major ``(T, B, I)``; ``h0``/``c0`` are ``(L*D, B, .)``;
+    ``dropout_masks[l]`` (time-major) multiplies layer ``l``'s output before layer ``l + 1`` reads it.
 
     Returns (output, h_n, c_n, states, cells) where ``states[key]`` is the list of h_t tensors
     (``retain_grad`` set) of layer/direction ``key`` ("l0", "l0_reverse", ...) by input position,
@@ -72,6 +81,8 @@ def unrolled(module: nn.Module, cell_type: str, x: Tensor, h0: Tensor, c0: Optio
             finals_c.append(c)
             outputs.append(torch.stack(hs) * valid)
         layer_input = torch.cat(outputs, dim=-1)
+        if dropout_masks is not None and layer < len(dropout_masks):
+            layer_input = layer_input * dropout_masks[layer]
     c_n = torch.stack(finals_c) if c0 is not None else None
     return layer_input, torch.stack(finals_h), c_n, states, cells
 
