@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_gradhealth import tags
 from lightning_gradhealth._compat import CallbackBase
-from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
+from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester, grad_norms
 from lightning_gradhealth.config import MonitorConfig, flat_signature, read_setting, refuse_setting, settings_of
 from lightning_gradhealth.distributed import fsdp_root, sharded, whole_parameters
 from lightning_gradhealth.health import HealthReport, TimestepSummary
@@ -217,6 +217,7 @@ class GradHealth(CallbackBase):
         self._initialized_model: Optional[weakref.ref] = None
         self._writers: list[Any] = []
         self._noticed_no_writer = False
+        self._norms_after_backward: dict[int, tuple[int, torch.Tensor]] = {}  # manual optimization: (step, norm)
 
     __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
 
@@ -332,6 +333,20 @@ class GradHealth(CallbackBase):
         """Stop capturing, also when the batch had no backward pass."""
         self.monitor.stop_capture()
 
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        """Manual optimization: take each optimizer's gradient norm before the user's
+        ``clip_gradients`` can change it (logging steps only), so the logged total is the true one."""
+        step = _optimizer_steps(trainer)
+        if pl_module.automatic_optimization or not self.monitor.is_logging_step(step):
+            return
+        scaler = _amp_scaler(trainer)
+        norm_type = self.monitor.config.clip_norm_type
+        for index, optimizer in enumerate(trainer.optimizers):
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
+            norm = self.monitor.distributed.global_norms(norm, norm_type)
+            self._norms_after_backward[index] = (step, norm / float(scaler.get_scale()) if scaler is not None else norm)
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Gradients are complete and unscaled here: check, measure, clip, log.
 
@@ -349,8 +364,14 @@ class GradHealth(CallbackBase):
             grad_scale=float(scaler.get_scale()) if scaler is not None and self.monitor.is_logging_step(step) else 1.0,
             amp_scaler_active=scaler is not None,
             optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",
+            grad_norm=self._norm_after_backward(index, step),
         )
         write_outputs(trainer.loggers, self._writers, output, step, self._picture_failed)
+
+    def _norm_after_backward(self, index: int, step: int) -> Optional[torch.Tensor]:
+        """The norm :meth:`on_after_backward` took for optimizer ``index`` in this step, if any."""
+        taken_at, norm = self._norms_after_backward.pop(index, (None, None))
+        return norm if taken_at == step else None
 
     def _picture_failed(self, tag: str, error: Exception) -> None:
         self.monitor.notices.say(
@@ -376,6 +397,7 @@ class GradHealth(CallbackBase):
     def _release(self) -> None:
         self.monitor.detach()
         self._writers = []
+        self._norms_after_backward = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the reference to the initialized model and the TensorBoard writers,

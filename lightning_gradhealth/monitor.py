@@ -247,6 +247,7 @@ class GradHealthMonitor:
         grad_scale: float = 1.0,
         amp_scaler_active: bool = False,
         optimizer_name: str = "",
+        grad_norm: Optional[Tensor] = None,
     ) -> StepOutput:
         """Measure, check and clip the complete gradients of ``parameters`` at ``step``.
 
@@ -260,6 +261,10 @@ class GradHealthMonitor:
                 its gradient scalars go under ``gradhealth/grad_norm/<name>/...`` and
                 ``gradhealth/clip/<name>/...``. The probe and the spectra run once per step,
                 at the first optimizer that steps.
+            grad_norm: the total ``clip_norm_type``-norm of these gradients before your own
+                clipping, when you clip before this call: logged as
+                ``gradhealth/grad_norm/total`` instead of the norm found here (see
+                :func:`~lightning_gradhealth.clipping.grad_norms`).
 
         Raises:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf;
@@ -285,6 +290,7 @@ class GradHealthMonitor:
             layer_parameters(self.recurrent_weights, parameters) if plan.log_gradients else {},
             optimizer_name,
             amp_scaler_active,
+            grad_norm,
         )
         output.update(gradients)
         output.skip_step = gradients.skip_step

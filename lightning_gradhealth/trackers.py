@@ -479,8 +479,13 @@ class GradientTracker:
         layer_parameters: Mapping[LayerKey, list[Tensor]],
         optimizer: str = "",
         amp_scaler_active: bool = False,
+        grad_norm: Optional[Tensor] = None,
     ) -> StepOutput:
         """Check, measure and clip the complete gradients of ``parameters`` (one optimizer's).
+
+        ``grad_norm``, when given, is the total norm of these gradients before anything clipped
+        them (the user's own clipping ran before this call): it is what is logged as the total
+        and what the clip suggestion learns from.
 
         Raises:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf.
@@ -495,10 +500,12 @@ class GradientTracker:
             norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
             output.scalars.update({tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms)})
         if self.config.clip is not None:
-            output.scalars.update(self._clip(parameters, plan.log_gradients, optimizer))
+            output.scalars.update(self._clip(parameters, plan.log_gradients, optimizer, grad_norm))
         elif plan.log_gradients:
-            total = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
-            total = self.distributed.global_norms(total, norm_type)
+            total = grad_norm
+            if total is None:
+                total = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
+                total = self.distributed.global_norms(total, norm_type)
             self.clip_suggester.update(total)
             output.scalars[tags.grad_norm_tag("total", optimizer)] = float(total)
         if plan.measure:
@@ -506,8 +513,9 @@ class GradientTracker:
             output.scalars[tags.NONFINITE_SKIPPED_STEPS] = float(self.skipped_steps)
         return output
 
-    def _clip(self, parameters: list[Tensor], log: bool, optimizer: str) -> dict[str, float]:
-        """Clip as configured; count the step in the optimizer's window; its scalars on logging steps."""
+    def _clip(self, parameters: list[Tensor], log: bool, optimizer: str, grad_norm: Optional[Tensor]) -> dict[str, float]:
+        """Clip as configured; count the step in the optimizer's window; its scalars on logging steps
+        (``grad_norm``: the norm before the user's own clipping, if any)."""
         config = self.config
         reduce_norm = None
         if self.distributed.all_reduce is not None:
@@ -515,7 +523,7 @@ class GradientTracker:
         assert config.clip is not None and config.clip_val is not None
         stats = clip_grads_(parameters, config.clip, config.clip_val, config.clip_norm_type, reduce_norm=reduce_norm)
         self.latest_clip_stats = stats
-        self.clip_suggester.update(stats.norm_before)
+        self.clip_suggester.update(stats.norm_before if grad_norm is None else grad_norm)
         clipped = stats.clipped.long()
         window_clipped, window_steps = self._clip_windows.get(optimizer, (0, 0))
         window_clipped, window_steps = window_clipped + clipped, window_steps + 1
@@ -527,7 +535,7 @@ class GradientTracker:
         del self._clip_windows[optimizer]
         values = stats.to_floats()
         return {
-            tags.grad_norm_tag("total", optimizer): values["norm_before"],
+            tags.grad_norm_tag("total", optimizer): values["norm_before"] if grad_norm is None else float(grad_norm),
             tags.grad_norm_tag("total_clipped", optimizer): values["norm_after"],
             tags.clip_tag("coefficient", optimizer): values["coefficient"],
             tags.clip_tag("clipped_steps_fraction", optimizer): float(window_clipped) / window_steps,

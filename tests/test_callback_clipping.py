@@ -14,8 +14,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
 from conftest import PLManualSequenceModel, PLSequenceModel, trainer_kwargs
-from lightning_gradhealth import GradHealth
-from lightning_gradhealth import NonFiniteGradientError
+from lightning_gradhealth import GradHealth, NonFiniteGradientError
 
 
 class GradsBeforeStep(pytorch_lightning.Callback):
@@ -195,6 +194,37 @@ def test_clipping_in_manual_optimization():
     )
     for grads in after.grads:
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item() == pytest.approx(0.01, rel=1e-4)
+
+
+class ClipsItself(PLManualSequenceModel):
+    """Manual optimization that clips with Lightning's ``clip_gradients`` before each step, and
+    keeps the true norm (before its clipping) of every step as the reference."""
+
+    def __init__(self) -> None:
+        super().__init__(loss_multiplier=10.0)
+        self.true_norms: list[float] = []
+
+    def training_step(self, batch, batch_idx) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        x, y = batch
+        self.manual_backward(nn.functional.mse_loss(self(x), y) * self.loss_multiplier)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.true_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        self.clip_gradients(optimizer, gradient_clip_val=0.25, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+
+def test_manual_optimization_that_clips_itself_logs_the_true_norm_before_its_clipping(tmp_path):
+    torch.manual_seed(0)
+    model, logger = ClipsItself(), CSVLogger(tmp_path, name="run")
+    health = GradHealth(log_every_n_steps=1)
+    pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=3, logger=logger)).fit(model)
+    logger.save()
+    rows = [r for r in csv.DictReader(open(logger.experiment.metrics_file_path)) if r.get("gradhealth/grad_norm/total")]
+    logged = [float(row["gradhealth/grad_norm/total"]) for row in rows]
+    assert max(model.true_norms) > 0.25  # the model's own clipping did change the gradients
+    assert logged == pytest.approx(model.true_norms, rel=1e-5)
 
 
 def test_threshold_suggestion_is_the_average_norm():
