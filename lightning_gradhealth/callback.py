@@ -37,6 +37,7 @@ from lightning_gradhealth.layers import WeightRecord
 from lightning_gradhealth.model_init import InitConfig, InitRecord, format_init_report, initialize_
 from lightning_gradhealth.monitor import GradHealthMonitor
 from lightning_gradhealth.spectra import MatrixSpectrum
+from lightning_gradhealth.trackers import OtherClipping
 from lightning_gradhealth.tensorboard import add_text, config_markdown, custom_scalars_layout, tensorboard_writers, write_outputs
 
 __all__ = ["GradHealth"]
@@ -65,6 +66,15 @@ class _FromMonitor(Generic[Value]):
 def _optimizer_steps(trainer: Any) -> int:
     """The step Lightning logs at: optimizer steps taken so far (once per accumulation window)."""
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _trainer_clipping(trainer: Any) -> Optional[OtherClipping]:
+    """The Trainer's own clipping (``gradient_clip_val``), which runs after GradHealth sees the gradients."""
+    if not trainer.gradient_clip_val:
+        return None
+    algorithm = trainer.gradient_clip_algorithm or "norm"
+    value, algorithm = float(trainer.gradient_clip_val), str(getattr(algorithm, "value", algorithm))  # Lightning's enum
+    return OtherClipping(f"the Trainer (gradient_clip_val={value:g}, gradient_clip_algorithm={algorithm!r})", algorithm, value)
 
 
 def _amp_scaler(trainer: Any) -> Any:
@@ -270,6 +280,7 @@ class GradHealth(CallbackBase):
                 None if trainer.ckpt_path is not None else step,
                 default_log_every_n_steps=trainer.log_every_n_steps,
                 distributed=None if root is None else sharded(root),
+                other_clipping=_trainer_clipping(trainer),
             )
             self._initialize(trainer, pl_module)
         self._writers = tensorboard_writers(trainer) if trainer.is_global_zero else []

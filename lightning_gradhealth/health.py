@@ -219,10 +219,12 @@ class HealthReport:
     Attributes:
         step: the optimizer step at the end of fit.
         layers: the per-layer rows.
-        clipped_fraction: the fraction of optimizer steps clipped (``None`` without ``clip``).
+        clipped_fraction: the fraction of optimizer steps clipped (``None`` without clipping).
         nonfinite_steps: optimizer steps whose gradients held NaN/Inf.
         skipped_steps: those of them skipped (``on_nonfinite="skip"``).
         suggested_clip_val: a ``clip_val`` for ``clip="norm"`` from the norms seen, or ``None``.
+        clipped_by: who clips, when it is not GradHealth (e.g. the Trainer, with its value);
+            ``clipped_fraction`` is then that clipping's rate.
     """
 
     step: int
@@ -231,6 +233,7 @@ class HealthReport:
     nonfinite_steps: int
     skipped_steps: int
     suggested_clip_val: Optional[float]
+    clipped_by: Optional[str] = None
 
     @property
     def healthy(self) -> bool:
@@ -255,6 +258,8 @@ class HealthReport:
 
     def _footer(self) -> list[str]:
         clipped = "off" if self.clipped_fraction is None else f"{self.clipped_fraction:.1%} of steps"
+        if self.clipped_by is not None and self.clipped_fraction is not None:
+            clipped = f"by {self.clipped_by}, on {clipped}"
         suggestion = "" if self.suggested_clip_val is None else f"; suggested clip_val {self.suggested_clip_val:.3g}"
         nonfinite = f"{self.nonfinite_steps} steps" + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
         return [f"clipping: {clipped}{suggestion}; non-finite gradients: {nonfinite}"]

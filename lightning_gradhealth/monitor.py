@@ -61,6 +61,7 @@ from lightning_gradhealth.trackers import (
     GradientTracker,
     IncompatibleState,
     Notices,
+    OtherClipping,
     Schedule,
     SpectrumTracker,
     TimestepTracker,
@@ -148,6 +149,7 @@ class GradHealthMonitor:
         *,
         default_log_every_n_steps: Optional[int] = None,
         distributed: Optional[Distributed] = None,
+        other_clipping: Optional[OtherClipping] = None,
     ) -> None:
         """Find the recurrent layers of ``model`` and attach the timestep probe's forward hooks.
 
@@ -158,6 +160,8 @@ class GradHealthMonitor:
             default_log_every_n_steps: the logging interval when the config gives none (the
                 Trainer's ``log_every_n_steps`` under Lightning).
             distributed: how to reach the other processes of a sharded (FSDP) run.
+            other_clipping: clipping applied after :meth:`before_optimizer_step` by something
+                else (the Trainer's ``gradient_clip_val``), counted for the report.
 
         Raises:
             ValueError: a ``custom`` or ``custom_cells`` pattern matches nothing, or a gate count
@@ -187,7 +191,7 @@ class GradHealthMonitor:
             self.notices.reset()
         self.timestep_tracker.start_run(start_step)
         self.spectrum_tracker.start_run(start_step)
-        self.gradient_tracker.start_run(model, self.distributed, start_step)
+        self.gradient_tracker.start_run(model, self.distributed, start_step, other_clipping)
         if self._probe is not None:
             self._probe.attach()
         if self._format_0_by_name is not None:
@@ -339,13 +343,18 @@ class GradHealthMonitor:
                 )
             )
         gradients = self.gradient_tracker
+        clipped_fraction = gradients.clipped_steps / gradients.clip_steps if gradients.clip_steps else None
+        other = gradients.other_clipping
+        if other is not None and gradients.other_clip_steps:
+            clipped_fraction = gradients.other_clipped_steps / gradients.other_clip_steps
         return HealthReport(
             step=step,
             layers=tuple(layers),
-            clipped_fraction=gradients.clipped_steps / gradients.clip_steps if gradients.clip_steps else None,
+            clipped_fraction=clipped_fraction,
             nonfinite_steps=gradients.nonfinite_steps,
             skipped_steps=gradients.skipped_steps,
             suggested_clip_val=self.suggested_clip_val,
+            clipped_by=None if other is None else other.who,
         )
 
     # What was measured, keyed by the layer keys' strings as the public contract has them.

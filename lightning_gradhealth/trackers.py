@@ -52,6 +52,7 @@ __all__ = [
     "IncompatibleState",
     "NonFiniteGradientError",
     "Notices",
+    "OtherClipping",
     "Schedule",
     "SpectrumTracker",
     "StepPlan",
@@ -425,6 +426,24 @@ class SpectrumTracker:
         return _restore(state_dict, {"start": load_start, "sigma_max": load_sigma_max})
 
 
+@dataclass(frozen=True)
+class OtherClipping:
+    """Clipping that something other than GradHealth applies after GradHealth has seen the
+    gradients (Lightning's ``Trainer(gradient_clip_val=...)``), so that the report says who
+    clips, at what value and how often.
+
+    Attributes:
+        who: in words, e.g. ``"the Trainer (gradient_clip_val=0.5, gradient_clip_algorithm='norm')"``.
+        clip: ``"norm"`` (the total 2-norm above ``clip_val`` is scaled down) or ``"value"``
+            (elements beyond ``clip_val`` are clamped).
+        clip_val: the threshold.
+    """
+
+    who: str
+    clip: str
+    clip_val: float
+
+
 @dataclass
 class _PendingFlags:
     """NaN/Inf flags of one optimizer's parameters accumulated on the device since the last read."""
@@ -458,13 +477,23 @@ class GradientTracker:
         self._pending: dict[int, _PendingFlags] = {}
         self._param_names: dict[int, str] = {}
         self._nonfinite_named: set[str] = set()  # parameters already named in a NaN/Inf notice
+        self.other_clipping: Optional[OtherClipping] = None
+        self.other_clip_steps = 0
+        self._other_clipped: Any = 0
 
-    def start_run(self, model: nn.Module, distributed: Distributed, start_step: Optional[int]) -> None:
-        """Bind to ``model``'s parameter names and the run's processes. A run from scratch
-        (``start_step`` 0) also forgets the counts of an earlier one; a resumed run
-        (``None``) keeps the clip window its checkpoint holds."""
+    def start_run(
+        self,
+        model: nn.Module,
+        distributed: Distributed,
+        start_step: Optional[int],
+        other_clipping: Optional[OtherClipping] = None,
+    ) -> None:
+        """Bind to ``model``'s parameter names, the run's processes and the clipping that follows
+        GradHealth's (if any). A run from scratch (``start_step`` 0) also forgets the counts of
+        an earlier one; a resumed run (``None``) keeps the clip window its checkpoint holds."""
         self._param_names = {id(param): name for name, param in model.named_parameters()}
         self.distributed = distributed
+        self.other_clipping = other_clipping
         self._pending.clear()
         if start_step == 0:
             self.reset()
@@ -495,6 +524,8 @@ class GradientTracker:
         if self._check_nonfinite(parameters, step, amp_scaler_active, plan.log_gradients):
             output.skip_step = True
             return output
+        if self.other_clipping is not None:
+            self._count_other_clipping(parameters)
         norm_type = self.config.clip_norm_type
         if plan.log_gradients and layer_parameters:
             norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
@@ -545,6 +576,22 @@ class GradientTracker:
     def clipped_steps(self) -> int:
         """Optimizer steps clipped so far (of :attr:`clip_steps` steps with ``clip`` on); one sync."""
         return int(self._clipped_total)
+
+    def _count_other_clipping(self, parameters: list[Tensor]) -> None:
+        """Count whether the clipping after GradHealth's (:attr:`other_clipping`) clips these
+        gradients: their total 2-norm, or their largest element, beyond its threshold (one fused
+        norm on the device, no host sync)."""
+        other = self.other_clipping
+        assert other is not None
+        norm_type = 2.0 if other.clip == "norm" else math.inf
+        total = self.distributed.global_norms(torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type), norm_type)
+        self._other_clipped = self._other_clipped + (total > other.clip_val).long()
+        self.other_clip_steps += 1
+
+    @property
+    def other_clipped_steps(self) -> int:
+        """Optimizer steps that :attr:`other_clipping` clipped so far (of :attr:`other_clip_steps`); one sync."""
+        return int(self._other_clipped)
 
     def _check_nonfinite(self, parameters: list[Tensor], step: int, amp_scaler_active: bool, log: bool) -> bool:
         """One fused NaN/Inf check of the gradients; apply ``on_nonfinite``. True: skip the step.
@@ -624,6 +671,7 @@ class GradientTracker:
         self._clipped_total = 0
         self._clip_windows.clear()
         self._nonfinite_named.clear()
+        self.other_clip_steps, self._other_clipped = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """The counters, the open clip windows and the clip suggester's statistics."""
@@ -636,6 +684,8 @@ class GradientTracker:
             "clip_steps": self.clip_steps,
             "clip_windows": {name: [int(clipped), steps] for name, (clipped, steps) in self._clip_windows.items()},
             "clip_suggester": self.clip_suggester.state_dict(),
+            "other_clipped_steps": self.other_clipped_steps,
+            "other_clip_steps": self.other_clip_steps,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
@@ -657,6 +707,8 @@ class GradientTracker:
                 "clip_steps": setter("clip_steps"),
                 "clip_windows": load_windows,
                 "clip_suggester": self.clip_suggester.load_state_dict,
+                "other_clipped_steps": setter("_other_clipped"),
+                "other_clip_steps": setter("other_clip_steps"),
             },
         )
 

@@ -110,6 +110,26 @@ def test_trainer_clipping_alone_is_left_to_the_trainer_and_logged_before_it_clip
     assert true_norm > 1e-2  # well above the Trainer's threshold: the logged norm is the pre-clip one
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_the_report_says_the_trainer_clips_at_its_value_and_how_often(algorithm):
+    torch.manual_seed(0)
+    before, health = GradsBeforeStep(), GradHealth()
+    threshold = 0.4 if algorithm == "norm" else 0.35
+    trainer_settings = trainer_kwargs(max_steps=8, gradient_clip_val=threshold, gradient_clip_algorithm=algorithm)
+    pytorch_lightning.Trainer(callbacks=[before, health], **trainer_settings).fit(PLSequenceModel())
+    # torch's own measures of each step's gradients, before the Trainer clipped them
+    if algorithm == "norm":
+        measures = [float(torch.nn.utils.get_total_norm(list(grads.values()))) for grads in before.grads]
+    else:
+        measures = [max(float(g.abs().max()) for g in grads.values()) for grads in before.grads]
+    expected = sum(measure > threshold for measure in measures) / len(measures)
+    assert 0 < expected < 1  # some steps clipped, some not
+    report = health.health_report
+    assert report.clipped_fraction == pytest.approx(expected)
+    footer = f"clipping: by the Trainer (gradient_clip_val={threshold:g}, gradient_clip_algorithm={algorithm!r}), on {expected:.1%}"
+    assert footer in report.format()
+
+
 class NaNAtStep(PLSequenceModel):
     """Its loss becomes NaN at batch ``bad_batch``."""
 
