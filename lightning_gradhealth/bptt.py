@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence
@@ -131,8 +132,9 @@ def state_residual(recomputed: Tensor, states: Tensor, lengths: Optional[Tensor]
 
     The backward recursions recompute every :math:`h_t` from :math:`x_t` and the given
     :math:`h_{t-1}`; when these match the given :math:`h_t` (to float precision), the inputs and
-    states the replay was given are those the layer really ran on. Entries where either is NaN
-    or Inf are not compared: their gradients come out non-finite and are reported as such.
+    states the replay was given are those the layer really ran on. Two fused reductions; the
+    result is NaN or Inf when either tensor holds NaN or Inf (nothing to compare: such a layer's
+    gradients come out non-finite and are reported as such).
 
     Examples:
         >>> states = torch.tensor([[[0.5]], [[2.0]]])                   # (T=2, B=1, H=1)
@@ -141,15 +143,14 @@ def state_residual(recomputed: Tensor, states: Tensor, lengths: Optional[Tensor]
         >>> state_residual(states + torch.tensor([[[0.0]], [[0.2]]]), states, lengths=torch.tensor([1]))
         tensor(0.)
     """
-    difference = (recomputed - states).abs().nan_to_num(nan=0.0, posinf=0.0)
-    states = states.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    difference = recomputed - states
     if lengths is not None:
         valid = torch.arange(states.shape[0], device=states.device)[:, None] < lengths.to(states.device)[None, :]
-        difference = difference * valid[..., None]
-        states = states * valid[..., None]
+        difference.mul_(valid[..., None])
     if difference.numel() == 0:
         return difference.new_zeros(())
-    return difference.max() / states.abs().max().clamp(min=1.0)
+    largest = torch.linalg.vector_norm(states, math.inf)  # padding is zero in the captured states
+    return torch.linalg.vector_norm(difference, math.inf) / largest.clamp(min=1.0)
 
 
 def timestep_norms(grads: Tensor) -> Tensor:
@@ -615,7 +616,10 @@ def fused_timestep_grads(
     width = module.proj_size or module.hidden_size
 
     def prepared(tensor: Optional[Tensor], scale: float = 1.0) -> Optional[Tensor]:
-        return None if tensor is None else tensor.to(device=weight.device, dtype=dtype) / scale
+        if tensor is None:
+            return None
+        tensor = tensor.to(device=weight.device, dtype=dtype)
+        return tensor if scale == 1.0 else tensor / scale
 
     masks = [prepared(mask) for mask in dropout_masks or ()]
     states = prepared(initial_states)

@@ -6,6 +6,8 @@
   custom-scalars layout in TensorBoard.
 - ``on_train_batch_start``: the monitor arms the probe on a sampled step; on every other step
   it does a counter check and nothing else.
+- ``on_after_backward``, manual optimization only, on logging steps: each optimizer's gradient
+  norm before the user's own ``clip_gradients`` can change it.
 - ``on_before_optimizer_step`` (gradients are AMP-unscaled and accumulation is complete): the
   monitor measures, checks and clips; the callback sends the scalars to every logger and the
   histograms and pictures to TensorBoard.

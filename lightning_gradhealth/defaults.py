@@ -16,6 +16,7 @@ __all__ = [
     "FULL_EVERY_N_LOGS",
     "HISTORY_SIZE",
     "HORIZON_FACTOR",
+    "MAX_CALLS_MEASURED",
     "REPLAY_TOLERANCE",
     "SATURATED_TANH",
     "SATURATING_ABOVE",
@@ -65,16 +66,24 @@ difference (float32 kernels and the replay differ by about 1e-6), or to 8 units 
 place of a lower precision the layer ran in (:func:`replay_tolerance`)."""
 
 
-def replay_tolerance(dtype: torch.dtype) -> float:
+def replay_tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
     """The self-check's tolerance for states computed in ``dtype``: :data:`REPLAY_TOLERANCE`, or
-    8 units of the last place of a half-precision dtype.
+    8 units of the last place of a half-precision dtype, or of TF32 (10 mantissa bits, what
+    cuDNN computes float32 RNNs in on recent NVIDIA GPUs unless
+    ``torch.backends.cudnn.allow_tf32`` is off).
 
     Examples:
-        >>> replay_tolerance(torch.float32), replay_tolerance(torch.bfloat16)
-        (0.0001, 0.0625)
+        >>> replay_tolerance(torch.float32), replay_tolerance(torch.bfloat16), replay_tolerance(torch.float32, tf32=True)
+        (0.0001, 0.0625, 0.0078125)
     """
-    return max(REPLAY_TOLERANCE, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else REPLAY_TOLERANCE
+    eps = 2.0**-10 if tf32 else (torch.finfo(dtype).eps if dtype.is_floating_point else 0.0)
+    return max(REPLAY_TOLERANCE, 8 * eps)
 
+
+MAX_CALLS_MEASURED = 8
+"""A fused layer run several times in one step (an encoder and a decoder sharing it) has each call
+measured under its own key; a layer stepped once per timestep in a loop would make hundreds of
+one-step keys, so at most this many calls per step are measured, and the rest is named once."""
 
 CHECKPOINT_FORMAT = 1
 """The version of the state GradHealth writes into checkpoints. 0 is the unversioned state of

@@ -2,7 +2,7 @@
 
 A measurement of a recurrent layer is identified by the module, the layer of a stacked fused
 module, the direction and the state (``h``, or an LSTM's cell state ``c``). :class:`LayerKey`
-holds these four fields; everything inside the package reads them, never a string. The string
+holds these fields; everything inside the package reads them, never a string. The string
 form, the public contract's key, is made only where a key is written out (public dictionaries,
 TensorBoard tags, the report): the module's name in ``model.named_modules()``, then
 ``.l{layer}``, then ``_reverse`` for the backward direction, then ``.call{k}`` for the k-th
@@ -88,8 +88,11 @@ class LayerKey:
         return replace(self, call=0)
 
     def to_dict(self) -> dict[str, Any]:
-        """The four fields, for a checkpoint (:meth:`from_dict` reads them back)."""
-        return asdict(self)
+        """The fields, for a checkpoint (:meth:`from_dict` reads them back); ``call`` only when not 0."""
+        fields = asdict(self)
+        if not self.call:
+            del fields["call"]
+        return fields
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> LayerKey:

@@ -36,6 +36,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import math
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -43,11 +44,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradhealth.bptt import TimestepGrads, fused_timestep_grads, kernel_weights, timestep_norms
-from lightning_gradhealth.defaults import replay_tolerance
+from lightning_gradhealth.defaults import MAX_CALLS_MEASURED, replay_tolerance
 from lightning_gradhealth.keys import LayerKey, by_name
 from lightning_gradhealth.layers import fused_layer_keys
 
@@ -105,6 +106,18 @@ class KernelCall:
     bidirectional: bool
     batch_first: bool
 
+    @property
+    def runs_layer_by_layer(self) -> bool:
+        """Whether the spy runs this call one layer at a time with its own dropout masks: a
+        stack with inter-layer dropout, whose graph is built now and not recomputed later under
+        the kernel's own masks (not inside activation checkpointing, which runs the forward
+        without grad or under saved-tensor hooks and replays it with the fused kernel)."""
+        stacked_dropout = self.dropout > 0 and self.train and self.num_layers > 1
+        saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        if not stacked_dropout or not torch.is_grad_enabled() or saved_tensor_hooks is None:
+            return False
+        return saved_tensor_hooks(False) is None
+
     @classmethod
     def parse(cls, args: Sequence[Any]) -> KernelCall:
         """Read a kernel call's positional arguments (``hx`` is a tuple for the LSTM, a tensor otherwise)."""
@@ -149,7 +162,8 @@ def run_layer_by_layer(kernel: Callable[..., Any], call: KernelCall) -> tuple[An
         layer_outputs.append(output[0])
         finals.append(output[1:])
         if layer < call.num_layers - 1:
-            mask = torch.empty_like(output[0]).bernoulli_(1 - call.dropout).div_(1 - call.dropout)
+            keep = 1.0 - call.dropout
+            mask = torch.zeros_like(output[0]) if keep <= 0 else torch.empty_like(output[0]).bernoulli_(keep).div_(keep)
             masks.append(mask)
             layer_input = output[0] * mask
     stacked = tuple(torch.cat([final[index] for final in finals]) for index in range(len(finals[0])))
@@ -174,12 +188,12 @@ class FusedCapture:
             name (e.g. weights a wrapper dropped or reparametrized in ``forward``), by name.
         layer_outputs, dropout_masks: every layer's output and the inter-layer dropout masks,
             ``(T, B, F)`` each, when the call ran layer by layer (:func:`run_layer_by_layer`).
-        precision: the dtype the kernel computed in (autocast's when it was on), which sets
-            the tolerance of the replay's self-check.
+        tolerance: the replay's self-check tolerance for the precision the kernel computed in
+            (:func:`~lightning_gradhealth.defaults.replay_tolerance`).
     """
 
     call: KernelCall
-    precision: torch.dtype
+    tolerance: float
     inputs: Tensor
     outputs: Tensor
     initial_states: Tensor
@@ -262,10 +276,11 @@ def capture_kernel_call(
         return None if sequences is None else [call.time_major(s.detach(), steps) for s in sequences]
 
     device = sequence.device.type
-    autocast = torch.is_autocast_enabled(device)
+    precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else sequence.dtype
+    tf32 = device == "cuda" and precision == torch.float32 and torch.backends.cudnn.allow_tf32
     capture = FusedCapture(
         call,
-        torch.get_autocast_dtype(device) if autocast else sequence.dtype,
+        replay_tolerance(precision, tf32=tf32),
         inputs.detach(),
         call.time_major(sequence.detach(), steps),
         call.hx[0].detach(),
@@ -279,6 +294,10 @@ def capture_kernel_call(
         if tensor is not None and tensor.requires_grad:
             capture.handles.append(tensor.register_hook(_accumulate(capture, name)))
     return capture
+
+
+def _ignore_call(call: KernelCall, output: Any, layer_outputs: Optional[list[Tensor]], masks: Optional[list[Tensor]]) -> None:
+    """What a spy of a detached probe does with a kernel call: nothing."""
 
 
 class _KernelSpy(TorchFunctionMode):
@@ -302,7 +321,7 @@ class _KernelSpy(TorchFunctionMode):
             if kwargs:
                 raise ValueError("its kernel was called with keyword arguments")
             call = KernelCall.parse(args)
-            if call.dropout > 0 and call.train and call.num_layers > 1:
+            if call.runs_layer_by_layer:
                 output, layer_outputs, masks = run_layer_by_layer(func, call)
                 self.record(call, output, layer_outputs, masks)
                 return output
@@ -387,6 +406,8 @@ class TimestepProbe:
         armed: whether the hooks capture the calls they see.
         unreproduced: ``{module name: reason}`` of the fused modules whose replay did not
             reproduce their states in some step (that step's measurement of them was dropped).
+        many_calls: ``{module name: calls}`` of the fused modules that ran more than
+            :data:`~lightning_gradhealth.defaults.MAX_CALLS_MEASURED` times in a step.
         failures: ``{module name: reason}`` of the modules the probe could not measure.
 
     Raises:
@@ -408,6 +429,7 @@ class TimestepProbe:
         self.armed = False
         self.failures: dict[str, str] = {}
         self.unreproduced: dict[str, str] = {}
+        self.many_calls: dict[str, int] = {}
         self._fused_captures: dict[str, list[FusedCapture]] = {}
         self._spies: dict[str, list[Optional[_KernelSpy]]] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
@@ -436,7 +458,20 @@ class TimestepProbe:
         self._handles.append(probe_hook.handle)
 
     def detach(self) -> None:
-        """Remove every hook and release what was captured: the model is as it was."""
+        """Remove every hook and release what was captured: the model is as it was.
+
+        A spy left behind by a forward pass that was interrupted (``KeyboardInterrupt``: the
+        forward hook that ends it does not run) is taken off torch's mode stack when it is on
+        top of it, and otherwise records nothing more.
+        """
+        stale = [spy for spies in self._spies.values() for spy in spies if spy is not None]
+        self._spies.clear()
+        self._fused_captures.clear()
+        for spy in reversed(stale):
+            spy.record = _ignore_call
+            stack = _get_current_function_mode_stack()
+            if stack and stack[-1] is spy:
+                spy.__exit__(None, None, None)
         self.release()
         for handle in self._handles:
             handle.remove()
@@ -549,7 +584,9 @@ class TimestepProbe:
                 for name, captures in self._fused_captures.items():
                     # every call the loss reached, in the order they ran; if none did, the first (all zeros)
                     reached = [capture for capture in captures if capture.received_gradient] or captures[:1]
-                    for index, capture in enumerate(reached):
+                    if len(reached) > MAX_CALLS_MEASURED:
+                        self.many_calls[name] = len(reached)
+                    for index, capture in enumerate(reached[:MAX_CALLS_MEASURED]):
                         measured = self._measure_call(name, capture, grad_scale)
                         for (layer, reverse), grads in sorted(measured.items()):  # model order
                             key = LayerKey(name, layer, reverse, call=index)
@@ -578,9 +615,10 @@ class TimestepProbe:
         except Exception as error:  # a measurement must never stop the user's training
             self.failures[name] = f"{type(error).__name__}: {error}"
             return {}
-        tolerance = replay_tolerance(capture.precision)
-        residual = max((float(grads.residual) for grads in measured.values() if grads.residual is not None), default=0.0)
-        if not residual <= tolerance:
+        tolerance = capture.tolerance
+        residuals = [float(grads.residual) for grads in measured.values() if grads.residual is not None]
+        residual = max((value for value in residuals if math.isfinite(value)), default=0.0)  # NaN: see state_residual
+        if residual > tolerance:
             self.unreproduced.setdefault(
                 name,
                 f"the states recomputed from its captured input differ from those it computed by {residual:.2g} "
@@ -598,6 +636,12 @@ class TimestepProbe:
         for a warning.
         """
         return {
+            **{
+                ("many calls", name): f"{name!r} ran {count} times in one step (a loop over timesteps?); the first "
+                f"{MAX_CALLS_MEASURED} calls the loss reaches are measured, under its keys and '.call1' to "
+                f"'.call{MAX_CALLS_MEASURED - 1}'."
+                for name, count in self.many_calls.items()
+            },
             **{
                 ("unreproduced", name): f"dL/dh_t of {name!r} is not reported for a step where its replay did not "
                 f"reproduce the layer's own output: {reason}. Such steps are left out rather than measured wrongly."

@@ -126,7 +126,8 @@ def test_the_report_says_the_trainer_clips_at_its_value_and_how_often(algorithm)
     assert 0 < expected < 1  # some steps clipped, some not
     report = health.health_report
     assert report.clipped_fraction == pytest.approx(expected)
-    footer = f"clipping: by the Trainer (gradient_clip_val={threshold:g}, gradient_clip_algorithm={algorithm!r}), on {expected:.1%}"
+    who = f"the Trainer (gradient_clip_val={threshold:g}, gradient_clip_algorithm={algorithm!r})"
+    footer = f"clipping: by {who}, on {expected:.1%}"
     assert footer in report.format()
 
 

@@ -169,3 +169,70 @@ def test_the_replay_of_a_genuine_call_reproduces_the_states_to_float_precision()
     probe.detach()
     assert max(residuals) < 1e-5
     assert float(state_residual(torch.ones(2, 1, 1) * 2.2, torch.ones(2, 1, 1) * 2)) == pytest.approx(0.1)
+
+
+def test_dropout_of_one_drops_everything_as_the_kernel_does_and_makes_no_nan():
+    torch.manual_seed(0)
+    rnn = nn.GRU(3, 4, num_layers=2, dropout=1.0).train()
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe.attach()
+    probe.arm()
+    output, _ = rnn(torch.randn(5, 2, 3))
+    probe.disarm()
+    expected, _ = rnn(torch.randn(5, 2, 3))  # the kernel's own p = 1 run, unwatched
+    assert bool(output.isfinite().all()) and bool(expected.isfinite().all())
+    output.sum().backward()
+    assert set(probe.compute().norms_by_name) == {"rnn.l0", "rnn.l1"}
+    probe.detach()
+
+
+def test_a_spy_left_by_an_interrupted_forward_is_switched_off_by_detach():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4)
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe.attach()
+    probe.arm()
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt  # after the probe's pre-hook: its forward hook never runs
+
+    handle = rnn.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rnn(torch.randn(5, 2, 3))
+    handle.remove()
+    probe.detach()
+    other = nn.LSTM(3, 4)
+    other(torch.randn(5, 2, 3))  # runs under the stale mode, which now passes everything through
+    assert probe._fused_captures == {}
+
+
+def test_inside_activation_checkpointing_dropout_runs_fused_and_the_step_is_named_not_guessed():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4, num_layers=2, dropout=0.5).train()
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe.attach()
+    probe.arm()
+    output = torch.utils.checkpoint.checkpoint(lambda x: rnn(x)[0], torch.randn(6, 2, 3), use_reentrant=False)
+    probe.disarm()
+    output.sum().backward()  # the recompute matches the forward: both ran the fused kernel
+    result = probe.compute()
+    probe.detach()
+    assert result.norms == {} and "rnn" in probe.unreproduced
+
+
+def test_a_fused_layer_stepped_in_a_loop_is_measured_on_its_first_calls_and_named_once():
+    torch.manual_seed(0)
+    rnn = nn.GRU(3, 4)
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe.attach()
+    probe.arm()
+    h, outputs = None, []
+    for x_t in torch.randn(12, 1, 2, 3):
+        output, h = rnn(x_t, h)
+        outputs.append(output)
+    probe.disarm()
+    torch.cat(outputs).sum().backward()
+    measured = probe.compute().norms_by_name
+    probe.detach()
+    assert set(measured) == {"rnn.l0"} | {f"rnn.l0.call{k}" for k in range(1, 8)}
+    assert "ran 12 times" in probe.notices()["many calls", "rnn"]
