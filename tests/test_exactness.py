@@ -6,18 +6,30 @@ autograd reference."""
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.overrides import _get_current_function_mode_stack
 
 from lightning_gradhealth.bptt import state_residual
 from lightning_gradhealth.probe import TimestepProbe
 from reference_rnn import reference_norms, unrolled
 
 LENGTHS = torch.tensor([12, 9, 5, 3])
+
+
+@contextmanager
+def armed_probe(rnn: nn.Module) -> Iterator[TimestepProbe]:
+    """A probe attached to ``rnn`` (named ``"rnn"``), armed for the forward passes in the block."""
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe.attach()
+    probe.arm()
+    yield probe
+    probe.disarm()
 
 
 class PackingLSTM(nn.LSTM):
@@ -57,11 +69,8 @@ def test_a_layer_that_packs_its_own_batch_is_measured_on_what_its_kernel_ran(bui
     rnn = build()
     x = torch.randn(4, 12, 3)
     readout = torch.randn(rnn.num_layers * (2 if rnn.bidirectional else 1), 4, rnn.hidden_size)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    _, state = rnn(x, lengths=LENGTHS)
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        _, state = rnn(x, lengths=LENGTHS)
     h_n = state[0] if isinstance(state, tuple) else state
     (h_n * readout).sum().backward()
     measured = probe.compute().norms_by_name
@@ -81,12 +90,9 @@ def test_every_call_of_an_encoder_decoder_lstm_is_measured_with_the_gradient_bet
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 6, num_layers=2)
     source, target = torch.randn(7, 4, 3), torch.randn(5, 4, 3)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    _, encoded = rnn(source)
-    decoded, _ = rnn(target, encoded)
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        _, encoded = rnn(source)
+        decoded, _ = rnn(target, encoded)
     decoded.pow(2).sum().backward()
     measured = probe.compute().norms_by_name
     probe.detach()
@@ -114,11 +120,8 @@ def test_inter_layer_dropout_is_measured_on_the_network_that_ran(build, cell_typ
     torch.manual_seed(0)
     rnn = build().train()
     x = torch.randn(8, 4, 3)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    output, _ = rnn(x)
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        output, _ = rnn(x)
     masks = probe._fused_captures["rnn"][0].dropout_masks  # the masks this step really drew
     assert masks is not None and len(masks) == rnn.num_layers - 1
     output[-1].pow(2).sum().backward()
@@ -140,11 +143,8 @@ def test_inter_layer_dropout_is_measured_on_the_network_that_ran(build, cell_typ
 def test_a_replay_that_does_not_reproduce_the_layer_reports_nothing_and_says_why():
     torch.manual_seed(0)
     rnn = nn.GRU(3, 6)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    output, _ = rnn(torch.randn(8, 4, 3))
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        output, _ = rnn(torch.randn(8, 4, 3))
     capture = probe._fused_captures["rnn"][0]
     capture.inputs = capture.inputs + 0.5  # a capture that is not what the kernel ran
     output.sum().backward()
@@ -157,11 +157,8 @@ def test_a_replay_that_does_not_reproduce_the_layer_reports_nothing_and_says_why
 def test_the_replay_of_a_genuine_call_reproduces_the_states_to_float_precision():
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 16, num_layers=2, proj_size=4)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    output, _ = rnn(torch.randn(20, 4, 3))
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        output, _ = rnn(torch.randn(20, 4, 3))
     output.sum().backward()
     capture = probe._fused_captures["rnn"][0]
     residuals = [float(grads.residual) for grads in capture.timestep_grads(rnn).values()]
@@ -174,11 +171,8 @@ def test_the_replay_of_a_genuine_call_reproduces_the_states_to_float_precision()
 def test_dropout_of_one_drops_everything_as_the_kernel_does_and_makes_no_nan():
     torch.manual_seed(0)
     rnn = nn.GRU(3, 4, num_layers=2, dropout=1.0).train()
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    output, _ = rnn(torch.randn(5, 2, 3))
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        output, _ = rnn(torch.randn(5, 2, 3))
     expected, _ = rnn(torch.randn(5, 2, 3))  # the kernel's own p = 1 run, unwatched
     assert bool(output.isfinite().all()) and bool(expected.isfinite().all())
     output.sum().backward()
@@ -186,7 +180,7 @@ def test_dropout_of_one_drops_everything_as_the_kernel_does_and_makes_no_nan():
     probe.detach()
 
 
-def test_a_spy_left_by_an_interrupted_forward_is_switched_off_by_detach():
+def test_a_spy_left_by_an_interrupted_forward_is_removed_by_detach():
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 4)
     probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
@@ -202,18 +196,16 @@ def test_a_spy_left_by_an_interrupted_forward_is_switched_off_by_detach():
     handle.remove()
     probe.detach()
     other = nn.LSTM(3, 4)
-    other(torch.randn(5, 2, 3))  # runs under the stale mode, which now passes everything through
+    other(torch.randn(5, 2, 3))  # the stale spy is off the mode stack (or, below another mode, records nothing)
     assert probe._fused_captures == {}
+    assert not [mode for mode in _get_current_function_mode_stack() if type(mode).__name__ == "_KernelSpy"]
 
 
 def test_inside_activation_checkpointing_dropout_runs_fused_and_the_step_is_named_not_guessed():
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 4, num_layers=2, dropout=0.5).train()
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    output = torch.utils.checkpoint.checkpoint(lambda x: rnn(x)[0], torch.randn(6, 2, 3), use_reentrant=False)
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        output = torch.utils.checkpoint.checkpoint(lambda x: rnn(x)[0], torch.randn(6, 2, 3), use_reentrant=False)
     output.sum().backward()  # the recompute matches the forward: both ran the fused kernel
     result = probe.compute()
     probe.detach()
@@ -223,14 +215,11 @@ def test_inside_activation_checkpointing_dropout_runs_fused_and_the_step_is_name
 def test_a_fused_layer_stepped_in_a_loop_is_measured_on_its_first_calls_and_named_once():
     torch.manual_seed(0)
     rnn = nn.GRU(3, 4)
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
-    probe.attach()
-    probe.arm()
-    h, outputs = None, []
-    for x_t in torch.randn(12, 1, 2, 3):
-        output, h = rnn(x_t, h)
-        outputs.append(output)
-    probe.disarm()
+    with armed_probe(rnn) as probe:
+        h, outputs = None, []
+        for x_t in torch.randn(12, 1, 2, 3):
+            output, h = rnn(x_t, h)
+            outputs.append(output)
     torch.cat(outputs).sum().backward()
     measured = probe.compute().norms_by_name
     probe.detach()
