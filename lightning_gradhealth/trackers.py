@@ -524,9 +524,11 @@ class GradientTracker:
         if self._check_nonfinite(parameters, step, amp_scaler_active, plan.log_gradients):
             output.skip_step = True
             return output
-        if self.other_clipping is not None:
-            self._count_other_clipping(parameters)
         norm_type = self.config.clip_norm_type
+        if self.other_clipping is not None:
+            counted_norm, counted_type = self._count_other_clipping(parameters)
+            if grad_norm is None and counted_type == norm_type:
+                grad_norm = counted_norm  # the same total: not computed twice
         if plan.log_gradients and layer_parameters:
             norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
             output.scalars.update({tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms)})
@@ -577,16 +579,17 @@ class GradientTracker:
         """Optimizer steps clipped so far (of :attr:`clip_steps` steps with ``clip`` on); one sync."""
         return int(self._clipped_total)
 
-    def _count_other_clipping(self, parameters: list[Tensor]) -> None:
+    def _count_other_clipping(self, parameters: list[Tensor]) -> tuple[Tensor, float]:
         """Count whether the clipping after GradHealth's (:attr:`other_clipping`) clips these
         gradients: their total 2-norm, or their largest element, beyond its threshold (one fused
-        norm on the device, no host sync)."""
+        norm on the device, no host sync). Returns that total and its norm type."""
         other = self.other_clipping
         assert other is not None
         norm_type = 2.0 if other.clip == "norm" else math.inf
         total = self.distributed.global_norms(torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type), norm_type)
         self._other_clipped = self._other_clipped + (total > other.clip_val).long()
         self.other_clip_steps += 1
+        return total, norm_type
 
     @property
     def other_clipped_steps(self) -> int:
