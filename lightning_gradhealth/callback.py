@@ -65,9 +65,16 @@ class _FromMonitor(Generic[Value]):
         raise AttributeError(f"GradHealth.{self.name} is what the monitor measured, read-only")
 
 
-def _optimizer_steps(trainer: Any) -> int:
-    """The step Lightning logs at: optimizer steps taken so far (once per accumulation window)."""
+def _logging_step(trainer: Any) -> int:
+    """The step Lightning's loggers put on the x axis: batches that stepped so far, one per
+    accumulation window, and one per batch however many optimizer steps a manual training step
+    takes (``trainer.global_step`` counts those)."""
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _optimizer_name(index: int, count: int) -> str:
+    """The name the monitor logs optimizer ``index`` of ``count`` under: none for a single one."""
+    return f"optimizer_{index}" if count > 1 else ""
 
 
 def _trainer_clipping(trainer: Any) -> Optional[OtherClipping]:
@@ -273,7 +280,7 @@ class GradHealth(CallbackBase):
                 "of the weights and their gradients (AGC needs whole rows; clipping by value would report one shard's "
                 "norms). Use clip='norm', whose norm GradHealth reduces over all processes."
             )
-        step = _optimizer_steps(trainer)
+        step = _logging_step(trainer)
         # under FSDP, find the layers and initialize on whole parameters; every rank writes the same values
         with whole_parameters(root, writeback=True):
             # on resume the loop's step counter is restored only after on_fit_start: keep the history
@@ -335,7 +342,7 @@ class GradHealth(CallbackBase):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Arm the probe on the first micro-batch of a sampled optimizer step."""
-        self.monitor.start_step(_optimizer_steps(trainer))
+        self.monitor.start_step(_logging_step(trainer))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         """Capture the forward pass only (activation checkpointing replays forwards in backward),
@@ -349,12 +356,15 @@ class GradHealth(CallbackBase):
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         """Manual optimization: take each optimizer's gradient norm before the user's
         ``clip_gradients`` can change it (logging steps only), so the logged total is the true one."""
-        step = _optimizer_steps(trainer)
+        step = _logging_step(trainer)
         if pl_module.automatic_optimization or not self.monitor.is_logging_step(step):
             return
         scaler = _amp_scaler(trainer)
         norm_type = self.monitor.config.clip_norm_type
-        for index, optimizer in enumerate(trainer.optimizers):
+        optimizers = trainer.optimizers
+        for index, optimizer in enumerate(optimizers):
+            if not self.monitor.schedule.logs_gradients(step, _optimizer_name(index, len(optimizers))):
+                continue  # this optimizer's first step of this logged step is behind it (truncated BPTT)
             parameters = [p for group in optimizer.param_groups for p in group["params"]]
             norm = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
             norm = self.monitor.distributed.global_norms(norm, norm_type)
@@ -366,7 +376,7 @@ class GradHealth(CallbackBase):
         Runs before the Trainer's own clipping and ``optimizer.step()``, also inside a manual
         ``optimizer.step()``; once per accumulation window.
         """
-        step = _optimizer_steps(trainer)
+        step = _logging_step(trainer)
         optimizers = trainer.optimizers
         index = next((i for i, candidate in enumerate(optimizers) if candidate is optimizer), 0)
         scaler = _amp_scaler(trainer)
@@ -376,7 +386,7 @@ class GradHealth(CallbackBase):
             # the loss scale is read (one sync) on logging steps only
             grad_scale=float(scaler.get_scale()) if scaler is not None and self.monitor.is_logging_step(step) else 1.0,
             amp_scaler_active=scaler is not None,
-            optimizer_name=f"optimizer_{index}" if len(optimizers) > 1 else "",
+            optimizer_name=_optimizer_name(index, len(optimizers)),
             grad_norm=self._norm_after_backward(index, step),
         )
         write_outputs(trainer.loggers, self._writers, output, step, self._picture_failed)
@@ -394,8 +404,10 @@ class GradHealth(CallbackBase):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The health report: printed on rank 0, written to TensorBoard as text, kept as :attr:`health_report`."""
-        step = _optimizer_steps(trainer)
-        self.health_report = self.monitor.finish(step, amp_scaler_active=_amp_scaler(trainer) is not None)
+        step = _logging_step(trainer)
+        self.health_report = self.monitor.finish(
+            step, amp_scaler_active=_amp_scaler(trainer) is not None, optimizer_steps=trainer.global_step
+        )
         rank_zero_info(self.health_report.format())
         add_text(self._writers, tags.REPORT, self.health_report.markdown(), step)
 

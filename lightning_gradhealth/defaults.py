@@ -85,6 +85,12 @@ MAX_CALLS_MEASURED = 8
 measured under its own key; a layer stepped once per timestep in a loop would make hundreds of
 one-step keys, so at most this many calls per step are measured, and the rest is named once."""
 
+CALLER_CLIPPING_RTOL = 1e-5
+"""When the caller gives the gradient norm taken before its own clipping (manual optimization
+that calls ``self.clip_gradients``), a sampled step counts as clipped by the caller when the norm
+at the optimizer step is lower by more than this relative amount; unscaling AMP gradients in
+another order changes it by about 1e-7."""
+
 CHECKPOINT_FORMAT = 1
 """The version of the state GradHealth writes into checkpoints. 0 is the unversioned state of
 the releases before it; a resume reads both and names what it cannot restore."""

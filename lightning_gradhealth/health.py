@@ -225,6 +225,12 @@ class HealthReport:
         suggested_clip_val: a ``clip_val`` for ``clip="norm"`` from the norms seen, or ``None``.
         clipped_by: who clips, when it is not GradHealth (e.g. the Trainer, with its value);
             ``clipped_fraction`` is then that clipping's rate.
+        caller_clipping: ``(clipped, checked)``: in manual optimization, of the ``checked``
+            logging steps, those on which the training step's own clipping (``self.clip_gradients``)
+            lowered the gradient norm between the backward pass and the optimizer step; ``None``
+            when it never did.
+        optimizer_steps: the optimizer steps taken, when there can be several per ``step``
+            (manual optimization: truncated BPTT, several optimizers).
     """
 
     step: int
@@ -234,6 +240,8 @@ class HealthReport:
     skipped_steps: int
     suggested_clip_val: Optional[float]
     clipped_by: Optional[str] = None
+    caller_clipping: Optional[tuple[int, int]] = None
+    optimizer_steps: Optional[int] = None
 
     @property
     def healthy(self) -> bool:
@@ -256,10 +264,20 @@ class HealthReport:
             for layer in self.layers
         ]
 
+    def _title(self) -> str:
+        counted = "" if self.optimizer_steps in (None, self.step) else f" ({self.optimizer_steps} optimizer steps)"
+        return f"GradHealth health report at step {self.step}{counted}: {'healthy' if self.healthy else 'needs attention'}"
+
     def _footer(self) -> list[str]:
         clipped = "off" if self.clipped_fraction is None else f"{self.clipped_fraction:.1%} of steps"
         if self.clipped_by is not None and self.clipped_fraction is not None:
             clipped = f"by {self.clipped_by}, on {clipped}"
+        if self.caller_clipping is not None:
+            by_caller = (
+                f"by the training step on {self.caller_clipping[0]} of {self.caller_clipping[1]} sampled steps (the "
+                "gradient norm fell between the backward pass and the optimizer step; the logged total is the norm before)"
+            )
+            clipped = by_caller if self.clipped_fraction is None else f"{clipped}, after {by_caller}"
         suggestion = "" if self.suggested_clip_val is None else f"; suggested clip_val {self.suggested_clip_val:.3g}"
         nonfinite = f"{self.nonfinite_steps} steps" + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
         return [f"clipping: {clipped}{suggestion}; non-finite gradients: {nonfinite}"]
@@ -267,7 +285,7 @@ class HealthReport:
     def format(self) -> str:
         """The report as a plain-text table with each verdict's reason below it."""
         rows = self.rows()
-        lines = [f"GradHealth health report at step {self.step}: {'healthy' if self.healthy else 'needs attention'}"]
+        lines = [self._title()]
         if rows:
             widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
             lines.append("  ".join(column.ljust(width) for column, width in widths.items()).rstrip())
@@ -280,7 +298,7 @@ class HealthReport:
     def markdown(self) -> str:
         """The report as Markdown, for TensorBoard's text dashboard."""
         rows = self.rows()
-        lines = [f"**GradHealth health report at step {self.step}: {'healthy' if self.healthy else 'needs attention'}**", ""]
+        lines = [f"**{self._title()}**", ""]
         if rows:
             lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
             lines += ["| " + " | ".join(row.values()) + " |" for row in rows]

@@ -310,15 +310,18 @@ class GradHealthMonitor:
                 f"the {kind} measurement failed ({type(error).__name__}: {error}); it is left out, training goes on.",
             )
 
-    def finish(self, step: int, amp_scaler_active: bool = False) -> HealthReport:
+    def finish(self, step: int, amp_scaler_active: bool = False, optimizer_steps: Optional[int] = None) -> HealthReport:
         """End of training: count the NaN/Inf flags not yet read, take the final spectra, and
-        return the :class:`~lightning_gradhealth.HealthReport`."""
+        return the :class:`~lightning_gradhealth.HealthReport`.
+
+        ``optimizer_steps``: the optimizer steps taken, when they differ from ``step`` (several per
+        logged step: truncated BPTT, or several optimizers); the report names both."""
         self.gradient_tracker.read_pending(step, warn=not amp_scaler_active)
         with self.distributed.full_parameters():
             self.spectrum_tracker.finish(self.recurrent_weights)
-        return self.report(step)
+        return self.report(step, optimizer_steps)
 
-    def report(self, step: int) -> HealthReport:
+    def report(self, step: int, optimizer_steps: Optional[int] = None) -> HealthReport:
         """The health report from what was measured so far (``finish`` also takes the final spectra)."""
         matrices = {r.layer_key: r for r in self.recurrent_weights if r.role == "recurrent" and not r.projection}
         timesteps, spectra = self.timestep_tracker, self.spectrum_tracker
@@ -355,6 +358,10 @@ class GradHealthMonitor:
             skipped_steps=gradients.skipped_steps,
             suggested_clip_val=self.suggested_clip_val,
             clipped_by=None if other is None else other.who,
+            caller_clipping=(gradients.caller_clipped_steps, gradients.caller_checked_steps)
+            if gradients.caller_clipped_steps
+            else None,
+            optimizer_steps=optimizer_steps,
         )
 
     # What was measured, keyed by the layer keys' strings as the public contract has them.

@@ -39,7 +39,7 @@ from lightning_gradhealth.clipping import (
 )
 from lightning_gradhealth.config import MonitorConfig
 from lightning_gradhealth.distributed import Distributed
-from lightning_gradhealth.defaults import DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
+from lightning_gradhealth.defaults import CALLER_CLIPPING_RTOL, DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
 from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import WeightRecord
@@ -184,12 +184,18 @@ class Schedule:
         """Whether ``step`` is measured: a multiple of ``log_every_n_steps``."""
         return step % self.log_every_n_steps == 0
 
+    def logs_gradients(self, step: int, optimizer: str) -> bool:
+        """Whether the next :meth:`update` of ``optimizer`` at ``step`` logs its gradients: a
+        logging step on which it has not stepped yet (with several optimizer steps per logged
+        step, truncated BPTT for one, the first is logged)."""
+        return self.is_logging_step(step) and self._logged_steps.get(optimizer) != step
+
     def update(self, step: int, optimizer: str) -> StepPlan:
         """The plan of ``step`` for the optimizer named ``optimizer``; the probe and the spectra
         run once per step (at the first optimizer), the gradients are logged once per optimizer."""
         logging = self.is_logging_step(step)
         measure = logging and step != self._measured_step
-        log_gradients = logging and self._logged_steps.get(optimizer) != step
+        log_gradients = self.logs_gradients(step, optimizer)
         if measure:
             self._measured_step = step
         if log_gradients:
@@ -461,6 +467,9 @@ class GradientTracker:
         nonfinite_steps: optimizer steps whose gradients held NaN/Inf.
         skipped_steps: those skipped (``on_nonfinite="skip"``).
         clip_steps: optimizer steps taken with ``clip`` on.
+        caller_checked_steps: logging steps given the norm before the caller's own clipping
+            (``grad_norm``), compared with the norm at the optimizer step.
+        caller_clipped_steps: those on which the caller's clipping lowered it.
         latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest clipped step.
         clip_suggester: the running statistics behind the suggested ``clip_val``.
     """
@@ -480,6 +489,7 @@ class GradientTracker:
         self.other_clipping: Optional[OtherClipping] = None
         self.other_clip_steps = 0
         self._other_clipped: Any = 0
+        self.caller_checked_steps = self.caller_clipped_steps = 0
 
     def start_run(
         self,
@@ -525,20 +535,23 @@ class GradientTracker:
             output.skip_step = True
             return output
         norm_type = self.config.clip_norm_type
+        at_step: Optional[Tensor] = None  # the total norm as this call finds the gradients
         if self.other_clipping is not None:
             counted_norm, counted_type = self._count_other_clipping(parameters)
-            if grad_norm is None and counted_type == norm_type:
-                grad_norm = counted_norm  # the same total: not computed twice
+            if counted_type == norm_type:
+                at_step = counted_norm  # the same total: not computed twice
         if plan.log_gradients and layer_parameters:
             norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
             output.scalars.update({tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms)})
         if self.config.clip is not None:
             output.scalars.update(self._clip(parameters, plan.log_gradients, optimizer, grad_norm))
         elif plan.log_gradients:
-            total = grad_norm
-            if total is None:
-                total = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
-                total = self.distributed.global_norms(total, norm_type)
+            if at_step is None:
+                at_step = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
+                at_step = self.distributed.global_norms(at_step, norm_type)
+            if grad_norm is not None:
+                self._count_caller_clipping(grad_norm, at_step)
+            total = at_step if grad_norm is None else grad_norm
             self.clip_suggester.update(total)
             output.scalars[tags.grad_norm_tag("total", optimizer)] = float(total)
         if plan.measure:
@@ -565,6 +578,8 @@ class GradientTracker:
         self._clip_windows[optimizer] = (window_clipped, window_steps)
         if not log:
             return {}
+        if grad_norm is not None:
+            self._count_caller_clipping(grad_norm, stats.norm_before)
         del self._clip_windows[optimizer]
         values = stats.to_floats()
         return {
@@ -573,6 +588,13 @@ class GradientTracker:
             tags.clip_tag("coefficient", optimizer): values["coefficient"],
             tags.clip_tag("clipped_steps_fraction", optimizer): float(window_clipped) / window_steps,
         }
+
+    def _count_caller_clipping(self, before: Tensor, at_step: Tensor) -> None:
+        """Count a logging step whose norm before the caller's own clipping (``before``) is known,
+        and whether the norm the optimizer step finds (``at_step``) is lower by more than
+        :data:`~lightning_gradhealth.defaults.CALLER_CLIPPING_RTOL` (one sync, logging steps only)."""
+        self.caller_checked_steps += 1
+        self.caller_clipped_steps += int(at_step < before * (1 - CALLER_CLIPPING_RTOL))
 
     @property
     def clipped_steps(self) -> int:
@@ -675,6 +697,7 @@ class GradientTracker:
         self._clip_windows.clear()
         self._nonfinite_named.clear()
         self.other_clip_steps, self._other_clipped = 0, 0
+        self.caller_checked_steps = self.caller_clipped_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The counters, the open clip windows and the clip suggester's statistics."""
@@ -689,6 +712,8 @@ class GradientTracker:
             "clip_suggester": self.clip_suggester.state_dict(),
             "other_clipped_steps": self.other_clipped_steps,
             "other_clip_steps": self.other_clip_steps,
+            "caller_clipped_steps": self.caller_clipped_steps,
+            "caller_checked_steps": self.caller_checked_steps,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
@@ -712,6 +737,8 @@ class GradientTracker:
                 "clip_suggester": self.clip_suggester.load_state_dict,
                 "other_clipped_steps": setter("_other_clipped"),
                 "other_clip_steps": setter("other_clip_steps"),
+                "caller_clipped_steps": setter("caller_clipped_steps"),
+                "caller_checked_steps": setter("caller_checked_steps"),
             },
         )
 

@@ -248,6 +248,63 @@ def test_manual_optimization_that_clips_itself_logs_the_true_norm_before_its_cli
     assert logged == pytest.approx(model.true_norms, rel=1e-5)
 
 
+class TruncatedBPTT(PLManualSequenceModel):
+    """Truncated BPTT: each batch of 12 steps runs as 3 chunks of 4, each with its own backward,
+    ``clip_gradients`` and optimizer step, the state carried over detached. Keeps the true norm
+    (before its clipping) of the first chunk of every batch, by batch."""
+
+    chunk, chunks = 4, 3
+
+    def __init__(self) -> None:
+        super().__init__(loss_multiplier=10.0, seq_len=12)
+        self.first_chunk_norms: list[float] = []
+
+    def training_step(self, batch, batch_idx) -> None:
+        optimizer, (x, y), state = self.optimizers(), batch, None
+        for index in range(self.chunks):
+            out, state = self.rnn(x[:, index * self.chunk : (index + 1) * self.chunk], state)
+            state = tuple(s.detach() for s in state)
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self.head(out[:, -1]), y) * self.loss_multiplier)
+            if index == 0:
+                grads = [p.grad for p in self.parameters() if p.grad is not None]
+                self.first_chunk_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+            optimizer.step()
+
+
+def test_truncated_bptt_logs_at_lightnings_step_and_counts_every_optimizer_step(tmp_path):
+    """Several optimizer steps per batch: GradHealth logs on Lightning's step axis (batches, as
+    ``self.log`` does), the first optimizer step of a sampled batch, with its true norm; the report
+    counts the optimizer steps and names the training step's own clipping."""
+    torch.manual_seed(0)
+    model, logger = TruncatedBPTT(), CSVLogger(tmp_path, name="run")
+    health = GradHealth(log_every_n_steps=2)
+    trainer = pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=-1, max_epochs=2, logger=logger))
+    trainer.fit(model)
+    logger.save()
+    rows = [r for r in csv.DictReader(open(logger.experiment.metrics_file_path)) if r.get("gradhealth/grad_norm/total")]
+    assert [int(row["step"]) for row in rows] == [0, 2, 4, 6]  # 8 batches of 3 optimizer steps each
+    assert [float(row["gradhealth/grad_norm/total"]) for row in rows] == pytest.approx(model.first_chunk_norms[::2], rel=1e-5)
+    assert health.timestep_grad_norms["rnn.l0"].shape == (TruncatedBPTT.chunk,)  # the first chunk, as it ran
+    report = health.health_report
+    assert trainer.global_step == 24 and report.step == 8 and report.optimizer_steps == 24
+    assert report.format().startswith("GradHealth health report at step 8 (24 optimizer steps)")
+    assert min(model.first_chunk_norms[::2]) > 0.05  # the model's own clipping clipped every sampled step
+    assert report.caller_clipping == (4, 4) and "clipping: by the training step on 4 of 4 sampled steps" in report.format()
+
+
+def test_truncated_bptt_clipped_by_gradhealth_counts_every_optimizer_step():
+    torch.manual_seed(0)
+    model = TruncatedBPTT()
+    model.clip_gradients = lambda *args, **kwargs: None  # GradHealth clips instead
+    health = GradHealth(clip="norm", clip_val=1e-4)
+    trainer = pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=-1, max_epochs=2))
+    trainer.fit(model)
+    assert health.monitor.gradient_tracker.clip_steps == trainer.global_step == 24
+    assert health.health_report.clipped_fraction == 1.0 and health.health_report.caller_clipping is None
+
+
 def test_threshold_suggestion_is_the_average_norm():
     torch.manual_seed(0)
     before, health = GradsBeforeStep(), GradHealth(clip="norm", clip_val=1e6)
