@@ -26,8 +26,18 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional
 
-from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, check_positive_int_or_none
-from lightning_gradhealth.clipping import validate_clip_args
+from lightning_gradhealth._validation import (
+    boolean,
+    choice,
+    finite_number,
+    gate_counts,
+    norm_order,
+    optional_integer,
+    optional_string,
+    pattern_list,
+    real_number,
+)
+from lightning_gradhealth.clipping import CLIP_MODES, validate_clip_args
 from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, VANISH_BELOW
 
 __all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "read_setting", "refuse_setting", "settings_of"]
@@ -41,8 +51,9 @@ class MonitorConfig:
 
     Args:
         custom: hidden-to-hidden matrices of your own modules: glob pattern over parameter
-            names -> gate count (blocks stacked along dim 0), e.g. ``{"cell.W_hh": 4}``.
-        timesteps: measure per-timestep gradient norms (``False``: never attach a hook).
+            names -> gate count (blocks stacked along dim 0), e.g. ``{"cell.W_hh": 4}``; every
+            parameter a pattern matches must be of shape ``(gates * H, H)``, checked at attach time.
+        timesteps: measure per-timestep gradient norms (``False``: never attach a hook); a bool.
         custom_cells: glob patterns over module names of your own cells, modules your loop
             calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
         log_every_n_steps: measuring interval in optimizer steps; ``None``: the interval
@@ -53,16 +64,23 @@ class MonitorConfig:
             passes happen on logging steps, so it must be a multiple of ``log_every_n_steps``
             when both are given; against an interval resolved at attach time it is rounded up
             to the next multiple.
-        vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
-        explode_above: warn (once per layer) when that ratio rises above this.
-        horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
+        vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this;
+            in (0, 1), since a ratio of 1 is a gradient that neither fades nor grows.
+        explode_above: warn (once per layer) when that ratio rises above this; finite and > 1.
+        horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`);
+            finite and > 1, since a factor <= 1 allows no fall at all.
         clip: ``None``, ``"norm"`` (global norm, Pascanu et al. 2013), ``"value"``
             (element-wise) or ``"agc"`` (adaptive, unit-wise, Brock et al. 2021).
         clip_val: the threshold: max total norm, max absolute value, or AGC's lambda.
         clip_norm_type: the p of the norms (``float("inf")`` for the max-norm).
         on_nonfinite: what a step with a NaN/Inf gradient does: ``"warn"``, ``"skip"`` or ``"raise"``.
 
+    Every number may also be a numpy or 0-d torch scalar of a real dtype (stored as a Python
+    ``float`` or ``int``); a bool is not a number here.
+
     Raises:
+        TypeError: a setting of the wrong type, named with what was given and what is allowed
+            (``timesteps`` that is not a bool, one bare string for ``custom_cells``, ...).
         ValueError: an invalid interval, threshold, pattern, clip setting or policy.
     """
 
@@ -80,29 +98,58 @@ class MonitorConfig:
     on_nonfinite: Literal["warn", "skip", "raise"] = "warn"
 
     def __post_init__(self) -> None:
-        for name in ("vanish_below", "explode_above", "horizon_factor"):
-            check_positive_finite(name, getattr(self, name))
-        check_pattern_list("custom_cells", self.custom_cells)
-        check_positive_int_or_none("log_every_n_steps", self.log_every_n_steps)
-        check_positive_int_or_none("full_every_n_steps", self.full_every_n_steps)
+        clip, clip_val, clip_norm_type = self._clipping()
+        settings = {
+            "custom": gate_counts("custom", self.custom),
+            "timesteps": boolean("timesteps", self.timesteps),
+            "custom_cells": pattern_list("custom_cells", self.custom_cells),
+            "log_every_n_steps": optional_integer(
+                "log_every_n_steps", self.log_every_n_steps, "None or an integer >= 1", minimum=1
+            ),
+            "full_every_n_steps": optional_integer(
+                "full_every_n_steps", self.full_every_n_steps, "None or an integer >= 1", minimum=1
+            ),
+            "vanish_below": finite_number(
+                "vanish_below",
+                self.vanish_below,
+                "a number in (0, 1): the ratio ||dL/dh_first|| / ||dL/dh_last|| below which gradients count as vanishing",
+                above=0,
+                below=1,
+            ),
+            "explode_above": finite_number(
+                "explode_above",
+                self.explode_above,
+                "a finite number > 1: the ratio ||dL/dh_first|| / ||dL/dh_last|| above which gradients count as exploding",
+                above=1,
+            ),
+            "horizon_factor": finite_number(
+                "horizon_factor",
+                self.horizon_factor,
+                "a finite number > 1: the horizon ends where ||dL/dh_t|| first falls this factor below the last "
+                "step's, and a factor <= 1 allows no fall at all",
+                above=1,
+            ),
+            "clip": clip,
+            "clip_val": clip_val,
+            "clip_norm_type": clip_norm_type,
+            "on_nonfinite": choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES),
+        }
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
         if self.log_every_n_steps and self.full_every_n_steps and self.full_every_n_steps % self.log_every_n_steps:
             raise ValueError(
                 f"full_every_n_steps={self.full_every_n_steps} must be a multiple of "
                 f"log_every_n_steps={self.log_every_n_steps}: full passes happen on logging steps"
             )
-        clip, clip_val, clip_norm_type = validate_clip_args(self.clip, self.clip_val, self.clip_norm_type)
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"on_nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {self.on_nonfinite!r}"
-            )
-        for name, value in (
-            ("clip", clip),
-            ("clip_val", clip_val),
-            ("clip_norm_type", clip_norm_type),
-            ("custom", dict(self.custom) if self.custom else None),
-            ("custom_cells", list(self.custom_cells) if self.custom_cells else None),
-        ):
-            object.__setattr__(self, name, value)
+
+    def _clipping(self) -> tuple[Optional[str], Optional[float], float]:
+        """``(clip, clip_val, clip_norm_type)`` checked and normalized
+        (:func:`~lightning_gradhealth.clipping.validate_clip_args`), each error naming its argument."""
+        modes = f"None or one of {', '.join(map(repr, CLIP_MODES))}"
+        clip = optional_string("clip", self.clip, modes)
+        allowed = "a finite number > 0 (the threshold, with clip) or None"
+        clip_val = None if self.clip_val is None else real_number("clip_val", self.clip_val, allowed)
+        return validate_clip_args(clip, clip_val, norm_order("clip_norm_type", self.clip_norm_type))
 
 
 def _fields(*configs: type) -> dict[str, tuple[Any, Any]]:

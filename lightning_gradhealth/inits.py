@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from lightning_gradhealth._validation import optional_string
+
 __all__ = [
     "Fans",
     "SCHEME_NAMES",
@@ -286,20 +288,22 @@ def resolve_scheme(name: Optional[str], argument: str = "init") -> Optional[str]
     """Canonical name of a scheme (``"xavier"`` -> ``"glorot"``), ``None`` kept as ``None``.
 
     Raises:
+        TypeError: ``name`` is neither a string nor ``None``; the message names ``argument``.
         ValueError: for an unknown name; the message lists the valid names and the closest one.
 
     Examples:
         >>> resolve_scheme("kaiming")
         'he'
     """
-    if name is None:
-        return None
-    if isinstance(name, str) and name.lower() in _CANONICAL_NAMES:
-        return _CANONICAL_NAMES[name.lower()]
-    closest = difflib.get_close_matches(str(name).lower(), SCHEME_NAMES, n=1)
-    hint = f" Did you mean {closest[0]!r}?" if closest else ""
     valid = ", ".join(repr(n) for n in SCHEME_NAMES)
-    raise ValueError(f"Unknown {argument} scheme {name!r}.{hint} Valid names: {valid} or None.")
+    scheme = optional_string(argument, name, f"a scheme name ({valid}) or None")
+    if scheme is None:
+        return None
+    if scheme.lower() in _CANONICAL_NAMES:
+        return _CANONICAL_NAMES[scheme.lower()]
+    closest = difflib.get_close_matches(scheme.lower(), SCHEME_NAMES, n=1)
+    hint = f" Did you mean {closest[0]!r}?" if closest else ""
+    raise ValueError(f"Unknown {argument} scheme {scheme!r}.{hint} Valid names: {valid} or None.")
 
 
 def init_scheme_(

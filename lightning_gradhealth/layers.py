@@ -171,6 +171,35 @@ def match_patterns(patterns: Iterable[str], names: Iterable[str]) -> dict[str, l
     return {pattern: fnmatch.filter(name_list, pattern) for pattern in patterns}
 
 
+def _not_recurrent(weight: nn.Parameter, gates: int) -> Optional[str]:
+    """Why ``weight`` cannot be a hidden-to-hidden matrix of ``gates`` gate blocks, or ``None`` if it can.
+
+    Such a matrix maps the state ``h_{t-1}`` (H units) to each of the ``gates`` gates (H units
+    each): its shape is ``(gates * H, H)``, square ``H x H`` blocks stacked along dim 0 as in
+    PyTorch. An input matrix ``(gates * H, input_size)``, a projection, a feed-forward weight of
+    another shape or a bias vector is not one.
+
+    Examples:
+        >>> import torch
+        >>> _not_recurrent(nn.Parameter(torch.empty(12, 3)), 4) is None
+        True
+        >>> _not_recurrent(nn.Parameter(torch.empty(12, 2)), 4)
+        'its 4 gate blocks would be 3 x 2, not square'
+    """
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "it is not materialized yet (a lazy module that has not run)"
+    if weight.dim() != 2:
+        return f"it is {weight.dim()}-D, not a matrix" + (" (a bias vector?)" if weight.dim() == 1 else "")
+    rows, columns = weight.shape
+    if not rows:
+        return "it is empty"
+    if rows % gates:
+        return f"the gate count {gates} does not divide its {rows} rows"
+    if rows != gates * columns:
+        return f"its {gates} gate blocks would be {rows // gates} x {columns}, not square"
+    return None
+
+
 def _custom_records(
     model: nn.Module, custom: Mapping[str, int], builtin_names: set[str]
 ) -> list[WeightRecord]:
@@ -184,6 +213,7 @@ def _custom_records(
                 f"custom pattern {pattern!r} matches no parameter of the model; patterns are globs "
                 f"over model.named_parameters() names, e.g. {next(iter(all_params), 'cell.weight_hh')!r}"
             )
+        gates = custom[pattern]
         for name in names:
             if name in builtin_names:
                 raise ValueError(
@@ -191,12 +221,16 @@ def _custom_records(
                     "layer that GradHealth already handles; custom patterns are for your own modules"
                 )
             weight = all_params[name]
-            gates = custom[pattern]
-            if weight.dim() != 2 or weight.shape[0] % gates:
+            reason = _not_recurrent(weight, gates)
+            if reason is not None:
+                owner = model.get_submodule(name.rpartition(".")[0])
                 raise ValueError(
-                    f"custom pattern {pattern!r}: gate count {gates} does not divide the rows of "
-                    f"{name!r} (shape {tuple(weight.shape)}); gate blocks are stacked along dim 0 "
-                    "as in PyTorch, so the row count must be a multiple of the gate count"
+                    f"custom pattern {pattern!r} (gate count {gates}) matches {name!r}, a parameter of shape "
+                    f"{tuple(weight.shape)} in a {type(owner).__name__}, which is not a hidden-to-hidden matrix: "
+                    f"{reason}. A custom pattern may match only recurrent matrices of shape ({gates} * H, H): "
+                    f"{gates} square H x H gate block(s) that map the state h_(t-1), stacked along dim 0 as in PyTorch "
+                    "(not an input matrix, a projection, a bias or a feed-forward weight); narrow the pattern "
+                    "or correct its gate count"
                 )
             chosen[name] = gates
 
@@ -232,9 +266,14 @@ def find_recurrent_weights(
         custom: glob patterns over ``model.named_parameters()`` names of your own
             hidden-to-hidden matrices, each with its gate count, e.g. ``{"cell.W_hh": 4}``.
 
+    Every parameter a custom pattern matches is checked before any record is made, so a caller
+    that writes weights only after this call writes none when it raises.
+
     Raises:
-        ValueError: a custom pattern matches nothing, matches a built-in layer's weight, or its
-            gate count does not divide the matrix's rows.
+        ValueError: a custom pattern matches nothing, matches a built-in layer's weight, or
+            matches a parameter that is not a hidden-to-hidden matrix of its gate count: of shape
+            ``(gates * H, H)``, square gate blocks stacked along dim 0 (an input matrix, a
+            projection, a bias vector or an ``nn.Linear`` weight of another shape is refused).
     """
     records: list[WeightRecord] = []
     for module_name, module in model.named_modules():

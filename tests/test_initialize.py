@@ -197,21 +197,21 @@ def test_report_names_each_parameter_role_gates_and_scheme():
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "options, error, message",
     [
-        ({"init": "orthonormal"}, "Unknown init scheme 'orthonormal'. Did you mean 'orthogonal'?"),
-        ({"init": "orthogonal", "input_init": "glorrot"}, "Unknown input_init scheme 'glorrot'"),
-        ({"init": "orthogonal", "gain": -1.0}, "gain must be a finite number > 0"),
-        ({"init": "orthogonal", "gain": float("nan")}, "gain must be a finite number > 0"),
-        ({"init": "orthogonal", "gain": float("inf")}, "gain must be a finite number > 0"),
-        ({"init": "uniform", "uniform_scale": 0.0}, "uniform_scale must be a finite number > 0"),
-        ({"init": "orthogonal", "forget_bias": float("nan")}, "forget_bias must be a finite number"),
-        ({"init": "orthogonal", "chrono_t_max": 1}, "chrono_t_max must be an integer >= 2"),
-        ({"chrono_t_max": 100}, "chrono_t_max initializes LSTM biases, which happens only with init"),
-        ({"init": "orthogonal", "custom": {"cell.W": 0}}, "gate count must be an integer >= 1"),
-        ({"init": "orthogonal", "exclude": "encoder"}, "exclude must be a list of patterns"),
+        ({"init": "orthonormal"}, ValueError, "Unknown init scheme 'orthonormal'. Did you mean 'orthogonal'?"),
+        ({"init": "orthogonal", "input_init": "glorrot"}, ValueError, "Unknown input_init scheme 'glorrot'"),
+        ({"init": "orthogonal", "gain": -1.0}, ValueError, "gain must be a finite number > 0"),
+        ({"init": "orthogonal", "gain": float("nan")}, ValueError, "gain must be a finite number > 0"),
+        ({"init": "orthogonal", "gain": float("inf")}, ValueError, "gain must be a finite number > 0"),
+        ({"init": "uniform", "uniform_scale": 0.0}, ValueError, "uniform_scale must be a finite number > 0"),
+        ({"init": "orthogonal", "forget_bias": float("nan")}, ValueError, "forget_bias must be a finite number"),
+        ({"init": "orthogonal", "chrono_t_max": 1}, ValueError, "chrono_t_max must be an integer >= 2"),
+        ({"chrono_t_max": 100}, ValueError, "chrono_t_max initializes LSTM biases, which happens only with init"),
+        ({"init": "orthogonal", "custom": {"cell.W": 0}}, ValueError, "gate count must be an integer >= 1"),
+        ({"init": "orthogonal", "exclude": "encoder"}, TypeError, "exclude must be a list of glob patterns"),
     ],
 )
-def test_bad_options_fail_at_construction_with_a_message_that_says_what_is_allowed(options, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_bad_options_fail_at_construction_with_a_message_that_says_what_is_allowed(options, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         InitConfig(**options)

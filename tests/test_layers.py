@@ -85,7 +85,7 @@ def test_custom_pattern_that_matches_nothing_is_named_in_the_error():
 
 
 def test_custom_gate_count_that_does_not_divide_the_matrix_is_rejected():
-    with pytest.raises(ValueError, match="gate count 5 does not divide the rows of 'cell.W_hh'"):
+    with pytest.raises(ValueError, match=r"matches 'cell\.W_hh'.*the gate count 5 does not divide its 12 rows"):
         find_recurrent_weights(nn.ModuleDict({"cell": CustomCell()}), custom={"cell.W_hh": 5})
 
 
