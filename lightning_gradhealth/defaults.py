@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_LOG_EVERY_N_STEPS",
     "EXPLODE_ABOVE",
     "FULL_EVERY_N_LOGS",
+    "HEATMAP_COLUMNS",
     "HISTORY_SIZE",
     "HORIZON_FACTOR",
     "MAX_CALLS_MEASURED",
@@ -34,8 +35,15 @@ logging steps by default: the full decompositions cost far more than the warm-st
 iteration of the other logging steps (``benchmarks/spectra.py`` measures both)."""
 
 HISTORY_SIZE = 256
-"""Rows of the per-timestep heatmap kept per layer; beyond it every other older row is dropped,
-so the heatmap spans the whole run at a coarser resolution and stays bounded in memory."""
+"""Rows of the per-timestep heatmap kept per layer, at most: rows at a stride of probes that doubles
+when they would be more, the first and the latest always kept, so the heatmap spans the whole run
+evenly at any length and stays bounded in memory and in checkpoints."""
+
+HEATMAP_COLUMNS = 256
+"""Columns of a heatmap row, at most: a probe of T timesteps is kept in bins of the smallest power
+of two w with ceil(T / w) <= HEATMAP_COLUMNS, each the largest norm of its bin, so a row takes at
+most 4 * HEATMAP_COLUMNS bytes (1 KiB) whatever T. The picture's axes are about 250 pixels wide:
+finer columns would not show."""
 
 VANISH_BELOW = 1e-3
 """Gradients through time are "vanishing" when ||dL/dh_first|| / ||dL/dh_last|| falls below this:

@@ -16,7 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["eigenvalue_image", "figure_to_array", "timestep_curve_image", "timestep_heatmap_image"]
+from lightning_gradhealth.output import bin_max, heatmap_bin_width
+
+__all__ = ["eigenvalue_image", "figure_to_array", "heatmap_grid", "timestep_curve_image", "timestep_heatmap_image"]
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:
@@ -47,24 +49,48 @@ def timestep_curve_image(
     return figure_to_array(figure)
 
 
-def timestep_heatmap_image(steps: Sequence[int], rows: Sequence[np.ndarray], title: str) -> np.ndarray:
-    """log10 ||dL/dh_t|| over (training step, timestep): one row per probe, padded with NaN."""
-    width = max(len(row) for row in rows)
-    grid = np.full((len(rows), width), np.nan)
-    for index, row in enumerate(rows):
+def heatmap_grid(rows: Sequence[np.ndarray], timesteps: Sequence[int] = ()) -> tuple[np.ndarray, int]:
+    """The heatmap's cells, log10 of the norms (NaN where a norm is 0 or missing), one row per
+    probe, and the timesteps per column. ``timesteps``: each row's probe length T when its columns
+    are bins (:func:`~lightning_gradhealth.output.heatmap_bin_width`), empty when every column is
+    one timestep. The grid takes the coarsest row's bins; a finer row is re-binned to them by the
+    largest norm (exact: the widths are powers of two, and a max of maxima is the max).
+
+    Examples:
+        >>> grid, width = heatmap_grid([np.array([1.0, 10.0, 100.0, 0.1]), np.array([1000.0, 0.0])], timesteps=(4, 4))
+        >>> grid.tolist(), width
+        ([[1.0, 2.0], [3.0, nan]], 2)
+    """
+    lengths = list(timesteps) or [len(row) for row in rows]
+    widths = [heatmap_bin_width(length, len(row)) for length, row in zip(lengths, rows)]
+    width = max(widths)
+    grid = np.full((len(rows), -(-max(lengths) // width)), np.nan)
+    for index, (row, row_width) in enumerate(zip(rows, widths)):
+        binned = bin_max(row, width // row_width).astype(np.float64)
         with np.errstate(divide="ignore"):
-            grid[index, : len(row)] = np.where(row > 0, np.log10(np.maximum(row, 1e-300)), np.nan)
+            grid[index, : len(binned)] = np.where(binned > 0, np.log10(np.maximum(binned, 1e-300)), np.nan)
+    return grid, width
+
+
+def timestep_heatmap_image(
+    steps: Sequence[int], rows: Sequence[np.ndarray], title: str, timesteps: Sequence[int] = ()
+) -> np.ndarray:
+    """log10 ||dL/dh_t|| over (training step, timestep): one row per probe, padded with NaN; with
+    bins of timesteps (``timesteps``, see :func:`heatmap_grid`) each cell is the largest norm of
+    its bin, and the axis says so."""
+    grid, width = heatmap_grid(rows, timesteps)
     figure = Figure(figsize=(5.0, 3.2), dpi=80)
     axes = figure.add_subplot()
     mesh = axes.imshow(
         grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
-        extent=(-0.5, width - 0.5, -0.5, len(rows) - 0.5),
+        extent=(-0.5, grid.shape[1] * width - 0.5, -0.5, len(rows) - 0.5),
     )
     ticks = np.linspace(0, len(rows) - 1, num=min(len(rows), 6)).round().astype(int)
     axes.set_yticks(ticks, [str(steps[i]) for i in ticks])
-    axes.set_xlabel("timestep t")
+    axes.set_xlabel("timestep t" if width == 1 else f"timestep t (bins of {width}: the largest norm in each)")
     axes.set_ylabel("training step")
-    axes.set_title(f"{title}: log10 ||dL/dh_t||", fontsize=9)
+    norm = "||dL/dh_t||" if width == 1 else f"max ||dL/dh_t|| per {width} timesteps"
+    axes.set_title(f"{title}: log10 {norm}", fontsize=9)
     figure.colorbar(mesh, ax=axes)
     figure.tight_layout()
     return figure_to_array(figure)

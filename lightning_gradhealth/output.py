@@ -19,7 +19,9 @@ from typing import AbstractSet, Mapping, Protocol, Sequence
 import numpy as np
 from torch import Tensor
 
-__all__ = ["EigenvalueChart", "Picture", "StepOutput", "TimestepCurve", "TimestepHeatmap"]
+from lightning_gradhealth.defaults import HEATMAP_COLUMNS
+
+__all__ = ["EigenvalueChart", "Picture", "StepOutput", "TimestepCurve", "TimestepHeatmap", "bin_max", "heatmap_bin_width"]
 
 
 class Picture(Protocol):
@@ -46,18 +48,54 @@ class TimestepCurve:
         return timestep_curve_image(self.norms, self.title, self.step, dashed=self.cell_states)
 
 
+def heatmap_bin_width(timesteps: int, columns: int = HEATMAP_COLUMNS) -> int:
+    """Timesteps per column of a heatmap row of a probe over ``timesteps`` steps: the smallest power
+    of two w with ceil(timesteps / w) <= ``columns``. Powers of two nest, so rows of different
+    lengths are drawn on one grid exactly, and a row's width is found again from its length and
+    its number of columns (``heatmap_bin_width(timesteps, len(row))``).
+
+    Examples:
+        >>> heatmap_bin_width(200), heatmap_bin_width(5000), heatmap_bin_width(100_000)
+        (1, 32, 512)
+        >>> heatmap_bin_width(5000, columns=-(-5000 // 32))
+        32
+    """
+    width = 1
+    while -(-timesteps // width) > columns:
+        width *= 2
+    return width
+
+
+def bin_max(values: np.ndarray, width: int) -> np.ndarray:
+    """The largest of each ``width`` consecutive ``values`` (the last bin may be shorter), as a new
+    float32 array. A NaN makes its bin NaN. The largest, not a mean: a gradient that explodes at
+    one timestep shows at any bin width, and a decaying profile is shifted by less than one bin.
+
+    Examples:
+        >>> bin_max(np.array([1.0, 5.0, 2.0, 0.5, 3.0]), 2)
+        array([5., 2., 3.], dtype=float32)
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if width == 1 or not len(values):
+        return values.copy()
+    return np.maximum.reduceat(values, np.arange(0, len(values), width))
+
+
 @dataclass(frozen=True)
 class TimestepHeatmap:
-    """log10 ||dL/dh_t|| over (training step, t): one row of norms per probed step."""
+    """log10 ||dL/dh_t|| over (training step, t): one row of norms per probed step; ``timesteps``
+    gives each row's probe length T when its columns are bins (:func:`heatmap_bin_width`, each
+    bin's largest norm, :func:`bin_max`), empty when every column is one timestep."""
 
     steps: Sequence[int]
     rows: Sequence[np.ndarray]
     title: str
+    timesteps: Sequence[int] = ()
 
     def render(self) -> np.ndarray:
         from lightning_gradhealth.figures import timestep_heatmap_image
 
-        return timestep_heatmap_image(self.steps, self.rows, self.title)
+        return timestep_heatmap_image(self.steps, self.rows, self.title, self.timesteps)
 
 
 @dataclass(frozen=True)
