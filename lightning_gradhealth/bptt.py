@@ -154,13 +154,32 @@ def state_residual(recomputed: Tensor, states: Tensor, lengths: Optional[Tensor]
 
 
 def timestep_norms(grads: Tensor) -> Tensor:
-    r"""Frobenius norm over batch and hidden units at every timestep: ``(T, B, H) -> (T,)``.
+    r"""Frobenius norm over batch and hidden units at every timestep: ``(T, B, ...) -> (T,)``.
+
+    Exact to rounding for any finite entries. A plain sum of squares is exact while it stays in
+    float's normal range; a step whose norm comes out below :math:`\sqrt{\epsilon_{\min}}`
+    (float32: 1.1e-19, where squares of small entries underflow) or Inf (where squares of large
+    ones overflow) is computed again as :math:`m_t \, \| g_t / m_t \|` with
+    :math:`m_t = \max |g_t|` (the scaling of LAPACK's ``nrm2``). A step whose entries are all 0
+    (or that has none) has norm 0; NaN and Inf entries give NaN and Inf.
 
     Examples:
         >>> timestep_norms(torch.ones(2, 4, 9))
         tensor([6., 6.])
+        >>> timestep_norms(torch.full((1, 2, 2), 1e-30))     # the sum of squares is 0 in float32
+        tensor([2.0000e-30])
     """
-    return torch.linalg.vector_norm(grads.flatten(1), dim=1)
+    flat = grads.flatten(1)
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    if flat.shape[1] == 0:
+        return norms
+    inexact = (norms < math.sqrt(torch.finfo(norms.dtype).tiny)) | torch.isinf(norms)
+    if bool(inexact.any()):
+        rows = flat[inexact]  # a copy, scaled in place
+        largest = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True)
+        scale = torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+        norms[inexact] = torch.linalg.vector_norm(rows.div_(scale), dim=1) * scale.squeeze(1)
+    return norms
 
 
 def reverse_padded(sequence: Tensor, lengths: Optional[Tensor] = None) -> Tensor:

@@ -164,8 +164,8 @@ class GradHealthMonitor:
                 else (the Trainer's ``gradient_clip_val``), counted for the report.
 
         Raises:
-            ValueError: a ``custom`` or ``custom_cells`` pattern matches nothing, or a gate count
-                does not divide its matrix.
+            ValueError: a ``custom`` or ``custom_cells`` pattern matches nothing, or a ``custom``
+                pattern matches a parameter that is not a ``(gates * H, H)`` hidden-to-hidden matrix.
         """
         self.detach()
         self.schedule.resolve(default_log_every_n_steps)
@@ -330,7 +330,13 @@ class GradHealthMonitor:
         for key in [*self.layer_keys, *later_calls]:
             summary = timesteps.summaries.get(key)
             saturation = timesteps.saturation.get(key)
-            verdict, reason = layer_verdict(summary, saturation, self.config.vanish_below, self.config.explode_above)
+            verdict, reason = layer_verdict(
+                summary,
+                saturation,
+                self.config.vanish_below,
+                self.config.explode_above,
+                unmeasured_reason=timesteps.unmeasured.get(key),
+            )
             record = matrices.get(key.first_call)
             end = spectra.spectra.get(record.full_name) if record is not None else None
             layers.append(

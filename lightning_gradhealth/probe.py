@@ -16,7 +16,18 @@ states, so the probe measures in two ways:
 
 Everything is computed on the weights' own device, in float32 (float64 for float64 weights),
 under ``torch.no_grad()``; :meth:`TimestepProbe.compute` returns a :class:`ProbeResult` of
-``(T,)`` CPU tensors keyed by :class:`~lightning_gradhealth.keys.LayerKey`.
+``(T,)`` CPU tensors in that dtype, keyed by :class:`~lightning_gradhealth.keys.LayerKey`.
+
+Calls the probe does not measure are named, never dropped in silence: a call with an empty
+batch (B = 0) is skipped, and the layer's later calls are measured. Reentrant activation
+checkpointing (``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)``) runs its
+forward under ``no_grad`` and recomputes it, with gradient, in the backward pass: the probe
+captures that recomputation in place of the call (see :meth:`TimestepProbe._place`).
+
+While attached, the probe's hooks live in the watched modules' own hook dicts (``torch.compile``
+ignores hooks added after its first call), and the modules pickle without them: ``torch.save``,
+``pickle`` and ``copy.deepcopy`` of a watched module, or of a model holding one, made during fit
+hold nothing of GradHealth (:class:`_StateWithoutProbe`).
 
 Examples:
     >>> import torch
@@ -35,15 +46,16 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import math
 import fnmatch
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Generic, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.hooks import RemovableHandle
 
@@ -67,10 +79,14 @@ class ProbeResult:
         saturation: the fused layers' saturated fractions of the same pass
             (:func:`~lightning_gradhealth.bptt.saturated_fraction`), under the hidden-state
             keys; a ReLU layer and a cell have none.
+        unmeasured: ``{key: reason}`` for every watched layer and direction (hidden-state key of
+            its first call) that has no norms in this result, the reason a clause such as "its
+            call had an empty batch (B = 0): nothing to measure".
     """
 
     norms: dict[LayerKey, Tensor]
     saturation: dict[LayerKey, float]
+    unmeasured: dict[LayerKey, str] = field(default_factory=dict)
 
     @property
     def norms_by_name(self) -> dict[str, Tensor]:
@@ -86,6 +102,19 @@ _KERNELS: dict[Any, str] = {
     torch._VF.rnn_relu: "rnn_relu",
 }
 """The fused kernels every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` forward ends in, by cell type."""
+
+_current_autograd_node: Optional[Callable[[], Any]] = getattr(torch._C, "_current_autograd_node", None)
+"""The autograd node whose backward is running on this thread (``None`` outside a backward pass)."""
+
+_sequence_nr: Optional[Callable[[], int]] = getattr(torch._C._autograd, "_get_sequence_nr", None)
+"""The sequence number the next autograd node created on this thread gets (nodes are numbered in
+the order they are created: a node created in a forward pass has a number between that pass's first
+and its last)."""
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (activation checkpointing recomputes forwards there)."""
+    return _current_autograd_node is not None and _current_autograd_node() is not None
 
 
 @dataclass
@@ -107,14 +136,20 @@ class KernelCall:
     batch_first: bool
 
     @property
+    def empty(self) -> bool:
+        """Whether the call holds no sequence: batch size 0 (a kernel refuses zero steps)."""
+        return self.hx[0].shape[-2] == 0
+
+    @property
     def runs_layer_by_layer(self) -> bool:
         """Whether the spy runs this call one layer at a time with its own dropout masks: a
         stack with inter-layer dropout, whose graph is built now and not recomputed later under
         the kernel's own masks (not inside activation checkpointing, which runs the forward
-        without grad or under saved-tensor hooks and replays it with the fused kernel)."""
+        without grad or under saved-tensor hooks and replays it with the fused kernel, nor in
+        the replay itself, inside the backward pass, which must draw the forward's masks again)."""
         stacked_dropout = self.dropout > 0 and self.train and self.num_layers > 1
         saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        if not stacked_dropout or not torch.is_grad_enabled() or saved_tensor_hooks is None:
+        if not stacked_dropout or not torch.is_grad_enabled() or saved_tensor_hooks is None or _in_backward():
             return False
         return saved_tensor_hooks(False) is None
 
@@ -333,54 +368,146 @@ class _KernelSpy(TorchFunctionMode):
         return output
 
 
-class _InertHook:
-    """What a copy of a watched module holds in place of the probe's forward hook: nothing."""
-
-    def __call__(self, *args: Any) -> None:
-        return None
-
-
 class _ProbeHook:
-    """The probe's forward hook on one module, as an object rather than a closure, so that a copy
-    of the module never carries the probe along.
+    """The probe's forward hook on one module. Its type marks the probe's entries in the module's
+    hook dicts, which the module's pickled or copied state leaves out (:class:`_StateWithoutProbe`)."""
 
-    A deep copy of the module made while the probe is attached (an EMA model or a teacher copied
-    during fit) gets an :class:`_InertHook` under the same hook id, whose handle joins the
-    probe's, so :meth:`TimestepProbe.detach` removes it too; the copy's calls feed nothing. A
-    pickled module stores the inert stand-in (a closure does not pickle).
-    """
-
-    def __init__(self, hook: Callable[..., None], handles: list[RemovableHandle]) -> None:
-        self.hook, self.handles = hook, handles
-        self.handle: Optional[RemovableHandle] = None
+    def __init__(self, hook: Callable[..., None]) -> None:
+        self.hook = hook
 
     def __call__(self, *args: Any) -> None:
         return self.hook(*args)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _InertHook:
-        handle = self.handle
-        hooks = handle.hooks_dict_ref() if handle is not None else None
-        copied_hooks = memo.get(id(hooks)) if hooks is not None else None  # the copy being filled right now
-        if handle is not None and copied_hooks is not None:
-            extras = [ref() for ref in handle.extra_dict_ref]
-            copied_extras = [copy.deepcopy(extra, memo) for extra in extras if extra is not None]  # memoized: reused
-            copy_handle = RemovableHandle(copied_hooks, extra_dict=copied_extras)
-            copy_handle.id = handle.id
-            self.handles.append(copy_handle)
-        return _InertHook()
 
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_InertHook, ())
+_FORWARD_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+"""A module's forward hooks and their flags, each dict keyed by hook id (``torch.nn.Module``)."""
+
+
+def _probe_hook_ids(module: nn.Module) -> set[int]:
+    """The ids of the probe hooks (:class:`_ProbeHook`) ``module`` holds, of any probe."""
+    hooks = (*module._forward_pre_hooks.items(), *module._forward_hooks.items())
+    return {hook_id for hook_id, hook in hooks if isinstance(hook, _ProbeHook)}
+
+
+class _StateWithoutProbe:
+    """A watched module's ``__getstate__`` while a probe is attached, set on the module itself:
+    the state the module's class gives (or an instance-level ``__getstate__`` found there), less
+    the probe hooks' entries in its forward-hook dicts and less itself.
+
+    ``pickle``, ``torch.save`` and ``copy.deepcopy`` of the module, or of any module holding it,
+    take its state from ``__getstate__``; so a snapshot or a copy made during fit (an EMA model, a
+    user's ``torch.save(pl_module)``) holds nothing of GradHealth: it loads where the package is
+    not installed, and runs with no hook of ours. The module's other hooks, and the handles that
+    remove them, are untouched: their dicts are the same objects.
+    """
+
+    def __init__(self, module: nn.Module, previous: Optional[Callable[[], Any]]) -> None:
+        self.module = weakref.ref(module)
+        self.previous = previous
+
+    def __call__(self) -> Any:
+        module = self.module()
+        state = self.previous() if self.previous is not None else type(module).__getstate__(module)
+        if not isinstance(state, dict):
+            return state
+        state = {name: value for name, value in state.items() if name != "__getstate__"}
+        ours = _probe_hook_ids(module)
+        for name in _FORWARD_HOOK_DICTS:
+            hooks = state.get(name)
+            if hooks is not None and not ours.isdisjoint(hooks):
+                state[name] = OrderedDict((hook_id, hook) for hook_id, hook in hooks.items() if hook_id not in ours)
+        return state
+
+
+def _pickle_without_probe(module: nn.Module) -> None:
+    """Give ``module`` a :class:`_StateWithoutProbe` (once, whatever the number of probes)."""
+    current = module.__dict__.get("__getstate__")
+    if not isinstance(current, _StateWithoutProbe):
+        module.__dict__["__getstate__"] = _StateWithoutProbe(module, current)
+
+
+def _pickle_as_before(module: nn.Module) -> None:
+    """Take :func:`_pickle_without_probe` back, once ``module`` holds no probe hook."""
+    current = module.__dict__.get("__getstate__")
+    if isinstance(current, _StateWithoutProbe) and not _probe_hook_ids(module):
+        if current.previous is None:
+            del module.__dict__["__getstate__"]
+        else:
+            module.__dict__["__getstate__"] = current.previous
+
+
+class _Place(NamedTuple):
+    """Where a captured call goes among its module's calls of the step.
+
+    Attributes:
+        backward_node: ``None`` for a call of the forward pass, which goes where it ran; for a
+            reentrant activation checkpoint's recomputation in the backward pass, the sequence
+            number of that checkpoint's backward node (the order of the checkpoints).
+        arrival: the order of recomputations within one checkpoint.
+    """
+
+    backward_node: Optional[int]
+    arrival: int
+
+
+_FORWARD = _Place(None, 0)
+"""The place of every captured call of the forward pass: where it runs."""
+
+Item = TypeVar("Item")
 
 
 @dataclass
-class _CellCalls:
-    """Gradients of one cell module's outputs over one step: entry t is the t-th call (``None``
-    until a gradient arrives; it stays ``None`` if the loss does not depend on that output)."""
+class _Calls(Generic[Item]):
+    """One module's captured calls over one step.
+
+    ``forward`` holds what was captured of each call of the forward pass in the order they ran,
+    and ``None`` for a call that ran without gradient (reentrant activation checkpointing may
+    recompute it in the backward pass); ``recomputed`` holds ``(backward node, arrival, item)``
+    of each recomputation captured there, ``awaiting`` counts the calls still waiting for theirs.
+    """
+
+    forward: list[Optional[Item]] = field(default_factory=list)
+    recomputed: list[tuple[int, int, Item]] = field(default_factory=list)
+    awaiting: int = 0
+
+    def add(self, place: _Place, item: Item) -> None:
+        if place.backward_node is None:
+            self.forward.append(item)
+        else:
+            self.recomputed.append((place.backward_node, place.arrival, item))
+
+    def in_forward_order(self) -> Optional[list[Optional[Item]]]:
+        """``forward`` with every call that ran without gradient replaced by its recomputation:
+        the k-th recomputation, in the order of the checkpoints (backward pass runs them last to
+        first) and then of arrival, fills the k-th such call. ``None`` when some calls were
+        recomputed but not all of them: which call each one replays is then unknown."""
+        if not self.recomputed:
+            return list(self.forward)
+        gaps = [position for position, item in enumerate(self.forward) if item is None]
+        if len(gaps) != len(self.recomputed):
+            return None
+        placed = list(self.forward)
+        for position, (_, _, item) in zip(gaps, sorted(self.recomputed, key=lambda recomputed: recomputed[:2])):
+            placed[position] = item
+        return placed
+
+
+@dataclass
+class _CellCalls(_Calls[int]):
+    """One cell module's calls over one step; each captured call is an entry of the gradient
+    lists, ``state_grads[entry]`` (and ``cell_grads[entry]``): ``None`` until a gradient arrives
+    (it stays ``None`` if the loss does not depend on that output)."""
 
     state_grads: list[Optional[Tensor]] = field(default_factory=list)
     cell_grads: list[Optional[Tensor]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
+    has_elements: bool = False
 
 
 class TimestepProbe:
@@ -395,6 +522,9 @@ class TimestepProbe:
     cannot measure (a subclass whose calls differ from the built-in layer's, say) is left out
     and named in :attr:`failures`: a measurement never stops training.
 
+    A watched module pickles and deep-copies without the probe's hooks while they are attached
+    (:class:`_StateWithoutProbe`): a copy made during fit measures nothing and carries nothing.
+
     Args:
         model: the module tree to watch.
         custom_cells: glob patterns over module names of your own cells: modules called once
@@ -408,6 +538,8 @@ class TimestepProbe:
             reproduce their states in some step (that step's measurement of them was dropped).
         many_calls: ``{module name: calls}`` of the fused modules that ran more than
             :data:`~lightning_gradhealth.defaults.MAX_CALLS_MEASURED` times in a step.
+        empty_batches: names of the modules called with an empty batch (B = 0) in some step
+            (those calls were skipped; the module's other calls were measured).
         failures: ``{module name: reason}`` of the modules the probe could not measure.
 
     Raises:
@@ -430,10 +562,15 @@ class TimestepProbe:
         self.failures: dict[str, str] = {}
         self.unreproduced: dict[str, str] = {}
         self.many_calls: dict[str, int] = {}
-        self._fused_captures: dict[str, list[FusedCapture]] = {}
+        self.empty_batches: set[str] = set()
+        self._fused_calls: dict[str, _Calls[FusedCapture]] = {}
         self._spies: dict[str, list[Optional[_KernelSpy]]] = {}
         self._cell_calls: dict[str, _CellCalls] = {}
         self._handles: list[RemovableHandle] = []
+        self._armed_span: tuple[float, float] = (math.inf, math.inf)  # sequence numbers of the armed forward pass
+        self._awaiting = 0  # calls without gradient that may be recomputed (all modules)
+        self._arrivals = 0
+        self._left_out: dict[str, str] = {}  # why a module's call was not measured this step
 
     @property
     def layer_keys(self) -> list[LayerKey]:
@@ -442,7 +579,7 @@ class TimestepProbe:
         return fused + [LayerKey(name) for name in self.cells]
 
     def attach(self) -> None:
-        """Register the forward hooks (idempotent)."""
+        """Register the forward hooks (idempotent); the modules pickle without them (:class:`_StateWithoutProbe`)."""
         if self._handles:
             return
         for name, module in self.fused.items():
@@ -452,10 +589,9 @@ class TimestepProbe:
             self._register(module, self._cell_hook(name))
 
     def _register(self, module: nn.Module, hook: Callable[..., None], pre: bool = False, **kwargs: Any) -> None:
-        probe_hook = _ProbeHook(hook, self._handles)
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        probe_hook.handle = register(probe_hook, **kwargs)
-        self._handles.append(probe_hook.handle)
+        self._handles.append(register(_ProbeHook(hook), **kwargs))
+        _pickle_without_probe(module)
 
     def detach(self) -> None:
         """Remove every hook and release what was captured: the model is as it was.
@@ -466,7 +602,7 @@ class TimestepProbe:
         """
         stale = [spy for spies in self._spies.values() for spy in spies if spy is not None]
         self._spies.clear()
-        self._fused_captures.clear()
+        self._fused_calls.clear()
         for spy in reversed(stale):
             spy.record = _ignore_call
             stack = _get_current_function_mode_stack()
@@ -476,46 +612,93 @@ class TimestepProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in [*self.fused.values(), *self.cells.values()]:
+            _pickle_as_before(module)
 
     def arm(self) -> None:
         """Capture the next forward pass(es) until :meth:`compute` or :meth:`release`."""
+        if not self.armed:
+            self._armed_span = (_sequence_nr() if _sequence_nr is not None else 0, math.inf)
         self.armed = True
 
     def disarm(self) -> None:
-        """Stop capturing new calls; what was captured stays until :meth:`compute` or :meth:`release`."""
+        """Stop capturing new calls; what was captured stays until :meth:`compute` or :meth:`release`,
+        and the recomputations of the calls that ran without gradient (reentrant activation
+        checkpointing) are still captured in the backward pass."""
+        if self.armed:
+            self._armed_span = (self._armed_span[0], _sequence_nr() if _sequence_nr is not None else math.inf)
         self.armed = False
 
     @property
     def has_captures(self) -> bool:
-        """Whether a forward pass was captured since the last release."""
-        return bool(self._fused_captures or self._cell_calls)
+        """Whether a forward pass was captured since the last release (calls that ran without
+        gradient and may be recomputed in the backward pass count)."""
+        return any(calls.forward or calls.recomputed for calls in [*self._fused_calls.values(), *self._cell_calls.values()])
 
     @property
     def has_gradients(self) -> bool:
         """Whether a backward pass has reached any captured output since the last release."""
-        fused = any(capture.received_gradient for captures in self._fused_captures.values() for capture in captures)
+        fused = any(capture.received_gradient for calls in self._fused_calls.values() for capture in _captures(calls))
         return fused or any(g is not None for calls in self._cell_calls.values() for g in calls.state_grads)
 
     def release(self) -> None:
         """Drop every captured tensor and gradient hook, and disarm."""
         self.armed = False
-        for capture in [*(c for captures in self._fused_captures.values() for c in captures), *self._cell_calls.values()]:
-            for handle in capture.handles:
-                handle.remove()
-        self._fused_captures.clear()
+        handles = [
+            *(handle for calls in self._fused_calls.values() for capture in _captures(calls) for handle in capture.handles),
+            *(handle for calls in self._cell_calls.values() for handle in calls.handles),
+        ]
+        for handle in handles:
+            handle.remove()
+        self._fused_calls.clear()
         self._cell_calls.clear()
+        self._awaiting = 0
+        self._left_out.clear()
+
+    def _place(self, calls: _Calls[Any]) -> Optional[_Place]:
+        """Whether this call of the module whose calls are ``calls`` is captured, and where it goes; ``None``: not captured.
+
+        Armed, in the forward pass, a call with gradient is captured where it runs. A call
+        without gradient is not; it leaves a gap in ``calls.forward`` instead, because reentrant
+        activation checkpointing (``checkpoint(fn, x, use_reentrant=True)``) runs its forward
+        under ``no_grad`` and runs it again with gradient in the backward pass, where the probe
+        is disarmed. Such a recomputation is captured when the backward node running it (the
+        checkpoint's) was created in the armed forward pass, its sequence number within the
+        armed span, while gaps of that module wait: a later micro-batch's recomputation, or a
+        non-reentrant checkpoint's (whose forward ran with gradient and was captured), is not.
+        :meth:`_Calls.in_forward_order` puts each recomputation in its gap.
+        """
+        if self.armed and not (self._awaiting and _in_backward()):
+            if torch.is_grad_enabled():
+                return _FORWARD
+            calls.forward.append(None)
+            calls.awaiting += 1
+            self._awaiting += 1
+            return None
+        if not calls.awaiting or not torch.is_grad_enabled() or not _in_backward() or _sequence_nr is None:
+            return None
+        node = _current_autograd_node()  # type: ignore[misc]  # _in_backward: available
+        number = node._sequence_nr()
+        if not self._armed_span[0] <= number < self._armed_span[1]:
+            return None
+        calls.awaiting -= 1
+        self._awaiting -= 1
+        self._arrivals += 1
+        return _Place(number, self._arrivals)
 
     def _spy_start(self, name: str) -> Callable[..., None]:
-        """The forward pre-hook of a fused module: on an armed pass, watch its kernel calls."""
+        """The forward pre-hook of a fused module: on a captured call, watch its kernel calls."""
 
         def hook(module: nn.RNNBase, args: tuple[Any, ...]) -> None:
             spy = None
-            if self.armed and name not in self.failures:
-                spy = _KernelSpy(
-                    lambda call, output, layers, masks: self._record(name, module, call, output, layers, masks),
-                    lambda error: self.failures.setdefault(name, f"{type(error).__name__}: {error}"),
-                )
-                spy.__enter__()
+            if (self.armed or self._awaiting) and name not in self.failures:
+                place = self._place(self._fused_calls.setdefault(name, _Calls()))
+                if place is not None:
+                    spy = _KernelSpy(
+                        lambda call, output, layers, masks: self._record(name, module, call, output, layers, masks, place),
+                        lambda error: self._fail(name, error),
+                    )
+                    spy.__enter__()
             self._spies.setdefault(name, []).append(spy)
 
         return hook
@@ -539,35 +722,48 @@ class TimestepProbe:
         output: Any,
         layer_outputs: Optional[list[Tensor]],
         masks: Optional[list[Tensor]],
+        place: _Place,
     ) -> None:
-        """Keep one kernel call of the fused module ``name``; a call that cannot be read names the module."""
+        """Keep one kernel call of the fused module ``name``; a call with an empty batch is skipped
+        (and named), a call that cannot be read names the module."""
+        if call.empty:
+            self.empty_batches.add(name)
+            self._left_out.setdefault(name, _EMPTY_BATCH)
+            return
         try:
             capture = capture_kernel_call(module, call, output, layer_outputs, masks)
         except Exception as error:  # a measurement must never stop the user's training
-            self.failures[name] = f"{type(error).__name__}: {error}"
+            self._fail(name, error)
             return
         if capture is not None:
-            self._fused_captures.setdefault(name, []).append(capture)
+            self._fused_calls.setdefault(name, _Calls()).add(place, capture)
 
     def _cell_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self.armed:
+            if not (self.armed or self._awaiting):
                 return
             calls = self._cell_calls.setdefault(name, _CellCalls())
+            place = self._place(calls)
+            if place is None:
+                return
             state, cell = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
+            entry = len(calls.state_grads)
             for tensor, grads in ((state, calls.state_grads), (cell, calls.cell_grads)):
                 if not isinstance(tensor, Tensor):
                     continue
+                calls.has_elements = calls.has_elements or tensor.numel() > 0
                 grads.append(None)
                 if tensor.requires_grad:
                     calls.handles.append(tensor.register_hook(_accumulate_into(grads, len(grads) - 1)))
+            calls.add(place, entry)
 
         return hook
 
     def compute(self, grad_scale: float = 1.0) -> ProbeResult:
         """Per-timestep norms of the captured pass, then :meth:`release`.
 
-        A fused module whose measurement fails is left out and named in :attr:`failures`.
+        A fused module whose measurement fails is left out and named in :attr:`failures`; every
+        watched layer without norms gets its reason in :attr:`ProbeResult.unmeasured`.
 
         Args:
             grad_scale: the AMP loss scale the backward pass ran with (hooks see scaled
@@ -575,13 +771,21 @@ class TimestepProbe:
 
         Returns:
             The :class:`ProbeResult`: ``(T,)`` norms of every measured layer, direction and
-            state, and the fused layers' saturated fractions.
+            state (float64 for a float64 layer, else float32), the fused layers' saturated
+            fractions, and why the others were not measured.
         """
         norms: dict[LayerKey, Tensor] = {}
         saturation: dict[LayerKey, Tensor] = {}
         try:
             with torch.no_grad():
-                for name, captures in self._fused_captures.items():
+                for name, calls in self._fused_calls.items():
+                    in_order = calls.in_forward_order()
+                    if in_order is None:
+                        self._left_out.setdefault(name, _UNPLACED)
+                        continue
+                    captures = [capture for capture in in_order if capture is not None]
+                    if not captures:
+                        self._left_out.setdefault(name, _WITHOUT_GRADIENT)
                     # every call the loss reached, in the order they ran; if none did, the first (all zeros)
                     reached = [capture for capture in captures if capture.received_gradient] or captures[:1]
                     if len(reached) > MAX_CALLS_MEASURED:
@@ -596,16 +800,37 @@ class TimestepProbe:
                             if grads.cell is not None:
                                 norms[key.cell_state] = timestep_norms(grads.cell)
                 for name, calls in self._cell_calls.items():
+                    entries = calls.in_forward_order()
+                    reason = _UNPLACED if entries is None else _cell_left_out(calls)
+                    if reason is not None:
+                        self._left_out.setdefault(name, reason)
+                        if reason == _EMPTY_BATCH:
+                            self.empty_batches.add(name)
+                        continue
                     key = LayerKey(name)
-                    norms[key] = _call_norms(calls.state_grads) / grad_scale
-                    if calls.cell_grads:
-                        norms[key.cell_state] = _call_norms(calls.cell_grads) / grad_scale
+                    for state_key, grads in ((key, calls.state_grads), (key.cell_state, calls.cell_grads)):
+                        if grads:
+                            norms[state_key] = _call_norms([None if e is None else grads[e] for e in entries]) / grad_scale
+            unmeasured = {key: self._why_unmeasured(key.module) for key in self.layer_keys if key not in norms}
         finally:
             self.release()
         return ProbeResult(
-            {key: value.float().cpu() for key, value in norms.items()},
+            {key: value.cpu() for key, value in norms.items()},
             {key: float(value) for key, value in saturation.items()},
+            unmeasured,
         )
+
+    def _fail(self, name: str, error: Exception) -> None:
+        """Leave the module ``name`` out from now on, for ``error`` (named in :attr:`failures`)."""
+        self.failures.setdefault(name, f"{type(error).__name__}: {error}")
+
+    def _why_unmeasured(self, name: str) -> str:
+        """Why the module ``name`` has no norms in this step, as a clause."""
+        if name in self._left_out:
+            return self._left_out[name]
+        if name in self.failures:
+            return f"the probe cannot measure it ({self.failures[name]})"
+        return _NOT_RUN
 
     def _measure_call(self, name: str, capture: FusedCapture, grad_scale: float) -> dict[tuple[int, bool], TimestepGrads]:
         """One call's replay, if it reproduces the states the layer computed; else nothing, and the
@@ -613,7 +838,7 @@ class TimestepProbe:
         try:
             measured = capture.timestep_grads(self.fused[name], grad_scale)
         except Exception as error:  # a measurement must never stop the user's training
-            self.failures[name] = f"{type(error).__name__}: {error}"
+            self._fail(name, error)
             return {}
         tolerance = capture.tolerance
         residuals = [float(grads.residual) for grads in measured.values() if grads.residual is not None]
@@ -624,16 +849,18 @@ class TimestepProbe:
                 f"the states recomputed from its captured input differ from those it computed by {residual:.2g} "
                 f"(relative; the tolerance is {tolerance:.2g})",
             )
+            self._left_out.setdefault(name, "its replay did not reproduce the states it computed, so it is left out")
             return {}
         return measured
 
     def notices(self) -> dict[tuple[str, str], str]:
         """What the probe could not measure exactly so far, ``{(kind, module name): message}``.
 
-        Kinds: ``"unreproduced"`` (a step whose replay did not reproduce the layer's states,
-        see :attr:`unreproduced`: nothing is reported for that module in that step) and
-        ``"failure"`` (a module left out, :attr:`failures`). The messages are full sentences,
-        for a warning.
+        Kinds: ``"many calls"`` (:attr:`many_calls`), ``"empty batch"`` (a call skipped, see
+        :attr:`empty_batches`), ``"unreproduced"`` (a step whose replay did not reproduce the
+        layer's states, see :attr:`unreproduced`: nothing is reported for that module in that
+        step) and ``"failure"`` (a module left out, :attr:`failures`). The messages are full
+        sentences, for a warning.
         """
         return {
             **{
@@ -641,6 +868,11 @@ class TimestepProbe:
                 f"{MAX_CALLS_MEASURED} calls the loss reaches are measured, under its keys and '.call1' to "
                 f"'.call{MAX_CALLS_MEASURED - 1}'."
                 for name, count in self.many_calls.items()
+            },
+            **{
+                ("empty batch", name): f"{name!r} was called with an empty batch (B = 0) in a measured step; a call with "
+                "an empty batch was skipped (there is nothing to measure in it), and its other calls are measured."
+                for name in sorted(self.empty_batches)
             },
             **{
                 ("unreproduced", name): f"dL/dh_t of {name!r} is not reported for a step where its replay did not "
@@ -654,6 +886,31 @@ class TimestepProbe:
         }
 
 
+# Why a watched layer has no norms in a step (ProbeResult.unmeasured), as a clause.
+_EMPTY_BATCH = "its call had an empty batch (B = 0): nothing to measure"
+_WITHOUT_GRADIENT = (
+    "it ran only without gradient (under torch.no_grad, or in reentrant activation checkpointing that the backward "
+    "pass did not recompute)"
+)
+_UNPLACED = (
+    "it ran without gradient several times and only some of those calls were recomputed with gradient in the backward "
+    "pass (reentrant activation checkpointing): which call each recomputation replays is unknown, so it is left out"
+)
+_NOT_RUN = "it did not run with gradient in that step"
+
+
+def _cell_left_out(calls: _CellCalls) -> Optional[str]:
+    """Why a cell module's calls give no norms this step (``None``: they do)."""
+    if not calls.state_grads:
+        return _WITHOUT_GRADIENT
+    return None if calls.has_elements else _EMPTY_BATCH
+
+
+def _captures(calls: _Calls[FusedCapture]) -> list[FusedCapture]:
+    """Every capture of one fused module, of the forward pass and recomputed."""
+    return [capture for capture in calls.forward if capture is not None] + [capture for *_, capture in calls.recomputed]
+
+
 def _accumulate_into(grads: list[Optional[Tensor]], slot: int) -> Callable[[Tensor], None]:
     """A tensor hook that adds the incoming gradient into ``grads[slot]``."""
 
@@ -665,10 +922,12 @@ def _accumulate_into(grads: list[Optional[Tensor]], slot: int) -> Callable[[Tens
 
 
 def _call_norms(grads: list[Optional[Tensor]]) -> Tensor:
-    """``(T,)`` Frobenius norms of per-call gradients; a call whose output got no gradient counts 0."""
-    present = next(g for g in grads if g is not None) if any(g is not None for g in grads) else None
-    if present is None:
+    """``(T,)`` Frobenius norms of per-call gradients, in float32 or wider, all in one
+    :func:`~lightning_gradhealth.bptt.timestep_norms` (calls of different batch sizes padded with
+    zeros); a call whose output got no gradient counts 0."""
+    present = [g for g in grads if g is not None]
+    if not present:
         return torch.zeros(len(grads))
-    return torch.stack(
-        [torch.linalg.vector_norm(g.float()) if g is not None else present.new_zeros((), dtype=torch.float32) for g in grads]
-    )
+    dtype = torch.promote_types(present[0].dtype, torch.float32)
+    none = present[0].new_zeros(0, dtype=dtype)
+    return timestep_norms(pad_sequence([none if g is None else g.to(dtype).flatten() for g in grads], batch_first=True))

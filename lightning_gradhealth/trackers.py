@@ -39,11 +39,17 @@ from lightning_gradhealth.clipping import (
 )
 from lightning_gradhealth.config import MonitorConfig
 from lightning_gradhealth.distributed import Distributed
-from lightning_gradhealth.defaults import CALLER_CLIPPING_RTOL, DEFAULT_LOG_EVERY_N_STEPS, FULL_EVERY_N_LOGS, HISTORY_SIZE
-from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, diagnose_timesteps, summarize_timesteps
+from lightning_gradhealth.defaults import (
+    CALLER_CLIPPING_RTOL,
+    DEFAULT_LOG_EVERY_N_STEPS,
+    FULL_EVERY_N_LOGS,
+    HEATMAP_COLUMNS,
+    HISTORY_SIZE,
+)
+from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, describe_rate, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import WeightRecord
-from lightning_gradhealth.output import EigenvalueChart, StepOutput, TimestepCurve, TimestepHeatmap
+from lightning_gradhealth.output import EigenvalueChart, StepOutput, TimestepCurve, TimestepHeatmap, bin_max, heatmap_bin_width
 from lightning_gradhealth.probe import ProbeResult
 from lightning_gradhealth.spectra import MatrixSpectrum, SigmaMaxTracker, full_spectrum
 
@@ -57,6 +63,7 @@ __all__ = [
     "SpectrumTracker",
     "StepPlan",
     "TimestepTracker",
+    "thin_history",
 ]
 
 _HINTS = {
@@ -215,6 +222,63 @@ class Schedule:
         return _restore(state_dict, {})
 
 
+def thin_history(indices: Sequence[int], size: int) -> list[int]:
+    """Which heatmap rows to keep, at most ``size``: the positions in ``indices`` (the rows' numbers
+    in the run, 0 for the first probe, increasing, the last one the latest probe) of the rows whose
+    number is a multiple of the stride, and of the latest row.
+
+    The stride is the smallest power of two s that keeps at most ``size`` rows of a run of
+    ``latest + 1`` probes: ceil(latest / s) + 1 <= size. It doubles as the run grows, so the rows
+    kept are evenly spaced over the whole run (no gap wider than twice the mean gap), the first
+    (the initial state) and the latest always among them; and the rows kept after one more probe
+    are among those kept before, so thinning row by row, or after a resume, keeps what thinning
+    the whole run at once keeps.
+
+    Raises:
+        ValueError: ``size`` below 2, no room for the first and the latest row.
+
+    Examples:
+        >>> thin_history(range(10), size=4)
+        [0, 4, 8, 9]
+        >>> thin_history([0, 4, 8, 9, 10], size=4)
+        [0, 1, 2, 4]
+    """
+    if size < 2:
+        raise ValueError(f"the heatmap history needs room for at least 2 rows (the first and the latest), got {size}")
+    if not indices:
+        return []
+    latest, stride = indices[-1], 1
+    while -(-latest // stride) + 1 > size:
+        stride *= 2
+    return [position for position, index in enumerate(indices) if index % stride == 0 or index == latest]
+
+
+def _numbered_by_step(steps: Sequence[int]) -> list[int]:
+    """Numbers for heatmap rows saved without them (before they were kept): the steps counted in
+    the greatest common divisor of the gaps between rows, the logging interval wherever two
+    consecutive probes were kept (the earlier halving always kept the newest).
+
+    Examples:
+        >>> _numbered_by_step([0, 102400, 128000, 149900, 149950])
+        [0, 2048, 2560, 2998, 2999]
+    """
+    gaps = [later - earlier for earlier, later in zip(steps, steps[1:])]
+    if any(gap <= 0 for gap in gaps):
+        raise ValueError("heatmap rows must come in increasing step order")
+    unit = math.gcd(*gaps) or 1
+    return [(step - steps[0]) // unit for step in steps]
+
+
+class _HeatmapRow(NamedTuple):
+    """One heatmap row: its number in the run (0 for the first probe), the step, the probe's length
+    T, and its norms in bins of ``heatmap_bin_width(timesteps, len(norms))`` timesteps."""
+
+    index: int
+    step: int
+    timesteps: int
+    norms: np.ndarray
+
+
 class TimestepTracker:
     """The per-timestep norms of the latest probe, their summaries (:mod:`~lightning_gradhealth.health`),
     the heatmap history, and one notice per layer and condition (vanishing, exploding, NaN/Inf).
@@ -223,47 +287,96 @@ class TimestepTracker:
         grad_norms: ``{LayerKey: (T,) tensor}`` of the latest probe.
         summaries: ``{LayerKey: TimestepSummary}`` of the latest probe (output states only).
         saturation: ``{LayerKey: fraction}`` of saturated tanh candidates, fused layers only.
-        history: ``{LayerKey: [(step, norms), ...]}``, the heatmap rows, thinned to every other
-            older row beyond ``history_size``.
+        unmeasured: ``{LayerKey: reason}`` of the watched layers the latest probe did not measure
+            (:attr:`~lightning_gradhealth.probe.ProbeResult.unmeasured`), for the report.
+        history: ``{LayerKey: [(step, norms), ...]}``, the heatmap rows: at most ``history_size``
+            per key, evenly spaced over the run (:func:`thin_history`); at most ``history_columns``
+            norms per row, a longer probe's in bins of timesteps
+            (:func:`~lightning_gradhealth.output.heatmap_bin_width`), the largest of each
+            (:func:`~lightning_gradhealth.output.bin_max`).
     """
 
-    def __init__(self, config: MonitorConfig, notices: Notices, history_size: int = HISTORY_SIZE) -> None:
+    def __init__(
+        self,
+        config: MonitorConfig,
+        notices: Notices,
+        history_size: int = HISTORY_SIZE,
+        history_columns: int = HEATMAP_COLUMNS,
+    ) -> None:
         self.config = config
         self.notices = notices
         self.history_size = history_size
+        self.history_columns = history_columns
         self.grad_norms: dict[LayerKey, Tensor] = {}
         self.summaries: dict[LayerKey, TimestepSummary] = {}
         self.saturation: dict[LayerKey, float] = {}
-        self.history: dict[LayerKey, list[tuple[int, np.ndarray]]] = {}
+        self.unmeasured: dict[LayerKey, str] = {}
+        self._rows: dict[LayerKey, list[_HeatmapRow]] = {}
+
+    @property
+    def history(self) -> dict[LayerKey, list[tuple[int, np.ndarray]]]:
+        return {key: [(row.step, row.norms) for row in rows] for key, rows in self._rows.items()}
 
     def update(self, result: ProbeResult, step: int) -> StepOutput:
-        """Take one probe's result at ``step``: summaries, scalars, notices, a heatmap row."""
+        """Take one probe's result at ``step``: summaries, scalars, notices, a heatmap row.
+
+        The norms are logged as measured (``dh_norm_first``, ``dh_norm_last``: NaN/Inf when the
+        gradients are); a summary only when it is finite: a layer the loss does not reach has no
+        ``transmission``, one step no ``rate_per_step``, and an underflowed first step's
+        ``transmission`` is its finite bound (:mod:`~lightning_gradhealth.health`), named once.
+        """
         output = StepOutput()
         self.grad_norms = dict(result.norms)
         self.saturation = dict(result.saturation)
+        self.unmeasured = dict(result.unmeasured)
         self.summaries = {}
         for key, norms in result.norms.items():
             summary = summarize_timesteps(norms, self.config.horizon_factor, reverse=key.reverse)
             self.summaries[key] = summary
             values = (summary.transmission, float(summary.horizon), summary.rate_per_step, summary.first_norm, summary.last_norm)
-            output.scalars.update({tags.layer_tag(key, name): value for name, value in zip(tags.TIMESTEP_SCALARS, values)})
+            output.scalars.update(
+                {
+                    tags.layer_tag(key, name): value
+                    for name, value in zip(tags.TIMESTEP_SCALARS, values)
+                    if math.isfinite(value) or name.startswith("dh_norm")
+                }
+            )
             if key in self.saturation:
                 output.scalars[tags.layer_tag(key, "saturation")] = self.saturation[key]
             condition = diagnose_timesteps(summary, self.config.vanish_below, self.config.explode_above)
             if condition is not None and key.state == "h":
-                self.notices.say(
-                    (key, condition),
-                    f"{condition} gradients through time in {str(key)!r} at step {step}: "
-                    f"||dL/dh|| is {summary.first_norm:.3g} at the layer's first step and {summary.last_norm:.3g} "
-                    f"at its last ({summary.steps} steps) "
-                    f"(transmission {summary.transmission:+.2f} decades, x{summary.rate_per_step:.3g} per step back, "
-                    f"horizon {summary.horizon} of {summary.steps} steps); {_HINTS[condition]}.",
-                )
-            history = self.history.setdefault(key, [])
-            history.append((step, norms.numpy()))
-            if len(history) > self.history_size:
-                del history[-2::-2]  # every other row, keeping the newest
+                self.notices.say((key, condition), self._notice(key, norms, summary, condition, step))
+            rows = self._rows.get(key, [])
+            width = heatmap_bin_width(len(norms), self.history_columns)
+            row = _HeatmapRow(rows[-1].index + 1 if rows else 0, step, len(norms), bin_max(norms.numpy(), width))
+            self._rows[key] = self._thin([*rows, row])
         return output
+
+    def _thin(self, rows: list[_HeatmapRow]) -> list[_HeatmapRow]:
+        """The rows :func:`thin_history` keeps."""
+        return [rows[position] for position in thin_history([row.index for row in rows], self.history_size)]
+
+    @staticmethod
+    def _notice(key: LayerKey, norms: Tensor, summary: TimestepSummary, condition: str, step: int) -> str:
+        """The message on a vanishing, exploding or NaN/Inf gradient through time, with the numbers
+        (an underflowed first step's transmission named as the bound it is)."""
+        trend = f"{describe_rate(summary)}, horizon {summary.horizon} of {summary.steps} steps"
+        if condition == "nonfinite":
+            numbers = f"||dL/dh_t|| is NaN or Inf at {int((~torch.isfinite(norms)).sum())} of its {summary.steps} steps"
+        elif summary.transmission_is_bound:
+            float_name = str(norms.dtype).replace("torch.", "")
+            numbers = (
+                f"||dL/dh|| underflows to {summary.first_norm:.3g} in {float_name} at the layer's first "
+                f"{summary.underflow_steps} steps (below {summary.floor:.2g}, the smallest normal {float_name}) and is "
+                f"{summary.last_norm:.3g} at its last ({summary.steps} steps): transmission is below "
+                f"{summary.transmission:+.2f} decades (a bound, not a measurement; {trend})"
+            )
+        else:
+            numbers = (
+                f"||dL/dh|| is {summary.first_norm:.3g} at the layer's first step and {summary.last_norm:.3g} at its last "
+                f"({summary.steps} steps) (transmission {summary.transmission:+.2f} decades, {trend})"
+            )
+        return f"{condition} gradients through time in {str(key)!r} at step {step}: {numbers}; {_HINTS[condition]}."
 
     def pictures(self, step: int) -> StepOutput:
         """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap."""
@@ -271,46 +384,77 @@ class TimestepTracker:
         for key in self.grad_norms:
             if key.state == "c" and key.hidden_state in self.grad_norms:
                 continue  # drawn with its output state's curve
-            if key not in self.history:
+            if key not in self._rows:
                 continue  # its update failed this step (and was named)
             drawn = [k for k in dict.fromkeys((key, key.cell_state)) if k in self.grad_norms]
             curves = {str(k): self.grad_norms[k] for k in drawn}
             dashed = frozenset(str(k) for k in drawn if k.state == "c")
             output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step, dashed)
-            steps, rows = zip(*self.history[key])
-            output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(steps, rows, str(key))
+            rows = self._rows[key]
+            output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(
+                [row.step for row in rows], [row.norms for row in rows], str(key), [row.timesteps for row in rows]
+            )
         return output
 
     def start_run(self, start_step: Optional[int]) -> None:
         """A run starts at ``start_step``: heatmap rows from that step on belong to an earlier
-        run and are dropped; ``None`` (a resumed run) keeps them all."""
+        run and are dropped (the next row is numbered on from the last one left); ``None`` (a
+        resumed run) keeps them all."""
         if start_step is not None:
-            for key in list(self.history):
-                self.history[key] = [(step, norms) for step, norms in self.history[key] if step < start_step]
+            self._rows = {key: [row for row in rows if row.step < start_step] for key, rows in self._rows.items()}
 
     def reset(self) -> None:
         """Forget the latest measurements (the history is trimmed by :meth:`start_run`)."""
-        self.grad_norms, self.summaries, self.saturation = {}, {}, {}
+        self.grad_norms, self.summaries, self.saturation, self.unmeasured = {}, {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        """The heatmap rows, with each layer key as its fields."""
+        """The heatmap rows per layer key (as its fields): each row's step, number in the run
+        (``indices``), probe length (``timesteps``) and number of columns, and the rows' norms
+        end to end in one float32 tensor (``binned_norms``): at most ``4 * history_columns``
+        bytes and four integers per row."""
         return {
             "history": [
-                {"key": key.to_dict(), "steps": [step for step, _ in rows], "norms": [torch.from_numpy(n) for _, n in rows]}
-                for key, rows in self.history.items()
+                {
+                    "key": key.to_dict(),
+                    "steps": [row.step for row in rows],
+                    "indices": [row.index for row in rows],
+                    "timesteps": [row.timesteps for row in rows],
+                    "columns": [len(row.norms) for row in rows],
+                    "binned_norms": torch.from_numpy(np.concatenate([row.norms for row in rows] or [np.zeros(0, np.float32)])),
+                }
+                for key, rows in self._rows.items()
             ]
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> IncompatibleState:
+        def load_rows(entry: Mapping[str, Any]) -> list[_HeatmapRow]:
+            """One layer's rows, binned to ``history_columns`` and thinned; rows of the earlier
+            layout (``steps`` and whole ``norms`` rows) are numbered from their steps."""
+            steps = [_count(step) for step in entry["steps"]]
+            if "binned_norms" in entry:
+                indices, timesteps = [_count(i) for i in entry["indices"]], [_count(t) for t in entry["timesteps"]]
+                columns = [_count(c) for c in entry["columns"]]
+                flat = torch.as_tensor(entry["binned_norms"], dtype=torch.float32)
+                if flat.ndim != 1 or len(flat) != sum(columns):
+                    raise ValueError("the binned norms must be the rows' columns end to end")
+                norms = [row.numpy() for row in torch.split(flat, columns)]
+            else:
+                norms = [torch.as_tensor(row, dtype=torch.float32).numpy() for row in entry["norms"]]
+                indices, timesteps = _numbered_by_step(steps), [len(row) for row in norms]
+            if not len(steps) == len(indices) == len(timesteps) == len(norms):
+                raise ValueError("a heatmap row needs a step, a number, a length and its norms")
+            if any(later <= earlier for earlier, later in zip(indices, indices[1:])):
+                raise ValueError("heatmap rows must be numbered in increasing order")
+            rows = []
+            for index, step, length, row in zip(indices, steps, timesteps, norms):
+                if row.ndim != 1 or not 0 < len(row) == -(-length // heatmap_bin_width(length, len(row))):
+                    raise ValueError(f"{len(row)} columns cannot be the bins of a probe over {length} timesteps")
+                scale = heatmap_bin_width(length, self.history_columns) // heatmap_bin_width(length, len(row))
+                rows.append(_HeatmapRow(index, step, length, bin_max(row, max(scale, 1))))
+            return self._thin(rows)
+
         def load_history(entries: Sequence[Mapping[str, Any]]) -> None:
-            history = {}
-            for entry in entries:
-                steps, norms = entry["steps"], entry["norms"]
-                rows = [(_count(step), torch.as_tensor(row, dtype=torch.float32).numpy()) for step, row in zip(steps, norms)]
-                if len(rows) != len(entry["steps"]) or any(norms.ndim != 1 for _, norms in rows):
-                    raise ValueError("heatmap rows must be one 1-D row of norms per step")
-                history[LayerKey.from_dict(entry["key"])] = rows
-            self.history = history
+            self._rows = {LayerKey.from_dict(entry["key"]): load_rows(entry) for entry in entries}
 
         return _restore(state_dict, {"history": load_history})
 
@@ -360,7 +504,9 @@ class SpectrumTracker:
                 self.spectra[record.full_name] = spectrum
                 if not record.projection:
                     self.start_summaries.setdefault(record.layer_key, summarize_spectrum(spectrum, step))
-                values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS}
+                # non-square blocks (an LSTM's weight_hh with proj_size, its weight_hr) have no eigenvalues: no radius is logged
+                without = ("spectral_radius", "outside_unit_circle") if spectrum.eigenvalues is None else ()
+                values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS if name not in without}
                 finite = spectrum.finite.tolist()
                 output.update(self._distributions(record, spectrum))
             else:

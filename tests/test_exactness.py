@@ -122,7 +122,7 @@ def test_inter_layer_dropout_is_measured_on_the_network_that_ran(build, cell_typ
     x = torch.randn(8, 4, 3)
     with armed_probe(rnn) as probe:
         output, _ = rnn(x)
-    masks = probe._fused_captures["rnn"][0].dropout_masks  # the masks this step really drew
+    masks = probe._fused_calls["rnn"].forward[0].dropout_masks  # the masks this step really drew
     assert masks is not None and len(masks) == rnn.num_layers - 1
     output[-1].pow(2).sum().backward()
     measured = probe.compute().norms_by_name
@@ -145,7 +145,7 @@ def test_a_replay_that_does_not_reproduce_the_layer_reports_nothing_and_says_why
     rnn = nn.GRU(3, 6)
     with armed_probe(rnn) as probe:
         output, _ = rnn(torch.randn(8, 4, 3))
-    capture = probe._fused_captures["rnn"][0]
+    capture = probe._fused_calls["rnn"].forward[0]
     capture.inputs = capture.inputs + 0.5  # a capture that is not what the kernel ran
     output.sum().backward()
     result = probe.compute()
@@ -160,7 +160,7 @@ def test_the_replay_of_a_genuine_call_reproduces_the_states_to_float_precision()
     with armed_probe(rnn) as probe:
         output, _ = rnn(torch.randn(20, 4, 3))
     output.sum().backward()
-    capture = probe._fused_captures["rnn"][0]
+    capture = probe._fused_calls["rnn"].forward[0]
     residuals = [float(grads.residual) for grads in capture.timestep_grads(rnn).values()]
     probe.release()
     probe.detach()
@@ -197,7 +197,7 @@ def test_a_spy_left_by_an_interrupted_forward_is_removed_by_detach():
     probe.detach()
     other = nn.LSTM(3, 4)
     other(torch.randn(5, 2, 3))  # the stale spy is off the mode stack (or, below another mode, records nothing)
-    assert probe._fused_captures == {}
+    assert probe._fused_calls == {}
     assert not [mode for mode in _get_current_function_mode_stack() if type(mode).__name__ == "_KernelSpy"]
 
 
