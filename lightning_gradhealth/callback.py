@@ -22,6 +22,7 @@ The arguments are declared once, as the fields of :class:`~lightning_gradhealth.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import weakref
 from typing import Any, Generic, Optional, TypeVar
 
@@ -36,8 +37,9 @@ from lightning_gradhealth.config import MonitorConfig, flat_signature, read_sett
 from lightning_gradhealth.distributed import fsdp_root, sharded, whole_parameters
 from lightning_gradhealth.health import HealthReport, TimestepSummary
 from lightning_gradhealth.layers import WeightRecord
-from lightning_gradhealth.model_init import InitConfig, InitRecord, format_init_report, initialize_
+from lightning_gradhealth.model_init import InitConfig, InitRecord, find_weights_to_initialize, format_init_report, initialize_
 from lightning_gradhealth.monitor import GradHealthMonitor
+from lightning_gradhealth.provenance import frozen_parameters, trained_modules
 from lightning_gradhealth.spectra import MatrixSpectrum
 from lightning_gradhealth.trackers import OtherClipping
 from lightning_gradhealth.tensorboard import add_text, config_markdown, custom_scalars_layout, tensorboard_writers, write_outputs
@@ -90,6 +92,16 @@ def _amp_scaler(trainer: Any) -> Any:
     """The GradScaler of a 16-mixed run (it skips steps with NaN/Inf gradients itself), else ``None``."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+@dataclasses.dataclass
+class _Family:
+    """What a ``GradHealth`` and the copies made from it share: which once-only messages were
+    given, and how many fits they ran."""
+
+    fits: int = 0
+    printed_init_table: bool = False
+    noticed_no_writer: bool = False
 
 
 class GradHealth(CallbackBase):
@@ -148,6 +160,9 @@ class GradHealth(CallbackBase):
             pretrained weights loaded before fit: ``["encoder.*"]``.
         seed: seed of the init draws; default ``torch.initial_seed()``, so
             ``seed_everything`` makes the init reproducible. Rank 0's value is used on all ranks.
+        force_init: also initialize the modules whose weights were loaded or trained before
+            this fit, which are otherwise kept with one warning (the evidence is in the values:
+            :mod:`lightning_gradhealth.provenance`). Frozen parameters are never written.
         timesteps: measure per-timestep gradient norms (``False``: never attach a hook).
         custom_cells: glob patterns over module names of your own cells, modules your loop
             calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
@@ -182,8 +197,10 @@ class GradHealth(CallbackBase):
             ``"encoder.rnn.l1_reverse"``; LSTM cell states under the key plus ``".cell"``.
         timestep_summaries: ``{layer key: TimestepSummary}`` of the latest probe.
         timestep_history: ``{layer key: [(step, norms as a numpy array), ...]}``, the rows of
-            the heatmap (thinned to every other older row beyond
-            :data:`~lightning_gradhealth.defaults.HISTORY_SIZE` rows).
+            the heatmap: at most :data:`~lightning_gradhealth.defaults.HISTORY_SIZE`, evenly
+            spaced over the run (the first and the latest always kept); a probe longer than
+            :data:`~lightning_gradhealth.defaults.HEATMAP_COLUMNS` timesteps is kept in bins,
+            the largest norm of each.
         spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
         latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest
             clipped step (0-d tensors: pre/post-clip norm, coefficient, clipped fraction).
@@ -198,11 +215,15 @@ class GradHealth(CallbackBase):
             every argument above is also readable as an attribute of the same name.
 
     Raises:
+        TypeError: at construction, for an argument of the wrong type (a bare string where a
+            list of patterns goes, a bool or a string where a number goes), naming it, what was
+            given and what is allowed.
         ValueError: at construction, for an unknown scheme name (the message lists the valid
             names and the closest match), a negative or non-finite gain, an invalid gate count,
             seed, interval or threshold; at the start of fit, before any step, for a
-            ``custom``, ``exclude`` or ``custom_cells`` pattern that matches nothing or a gate
-            count that does not divide its matrix, for ``clip`` together with the Trainer's
+            ``custom``, ``exclude`` or ``custom_cells`` pattern that matches nothing, a
+            ``custom`` pattern that matches a parameter that is not a ``(gates * H, H)``
+            hidden-to-hidden matrix, for ``clip`` together with the Trainer's
             ``gradient_clip_val``, and for ``clip="agc"`` or ``"value"`` under FSDP.
 
     At the start of fit the configuration goes to TensorBoard as text (``gradhealth/config``)
@@ -235,8 +256,9 @@ class GradHealth(CallbackBase):
         self.health_report: Optional[HealthReport] = None
         self._initialized_model: Optional[weakref.ref] = None
         self._writers: list[Any] = []
-        self._noticed_no_writer = False
         self._norms_after_backward: dict[int, tuple[int, torch.Tensor]] = {}  # manual optimization: (step, norm)
+        self._origin: Optional[weakref.ref[GradHealth]] = None  # the object a copy was made from
+        self._family = _Family()
 
     __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
 
@@ -293,17 +315,21 @@ class GradHealth(CallbackBase):
             )
             self._initialize(trainer, pl_module)
         self._writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
-        if trainer.is_global_zero and not self._writers and not self._noticed_no_writer:
-            self._noticed_no_writer = True
+        if trainer.is_global_zero and not self._writers and not self._family.noticed_no_writer:
+            self._family.noticed_no_writer = True
             loggers = ", ".join(type(logger).__name__ for logger in trainer.loggers) or "none"
             rank_zero_warn(
                 f"GradHealth: no TensorBoard logger among trainer.loggers ({loggers}): scalars go to every logger, "
                 "histograms, pictures and the report text are not written; the health report still prints at the end of fit."
             )
-        if trainer.ckpt_path is None:  # a resumed run's log directory has them already
-            for writer in self._writers:
-                writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, clip is not None))
-            add_text(self._writers, tags.CONFIG, config_markdown(self._configuration()), step)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Write the configuration and the custom-scalars layout to every TensorBoard log
+        directory of this fit, a resumed run's new one included, at the step the run starts
+        from (restored by now on resume)."""
+        for writer in self._writers:
+            writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, self.monitor.config.clip is not None))
+        add_text(self._writers, tags.CONFIG, config_markdown(self._configuration()), _logging_step(trainer))
 
     def _configuration(self) -> dict[str, Any]:
         """The settings in effect, as recorded in TensorBoard: every field of both configs, with
@@ -330,15 +356,45 @@ class GradHealth(CallbackBase):
             return
         seed = self.init_config.seed if self.init_config.seed is not None else torch.initial_seed()
         seed = trainer.strategy.broadcast(seed, src=0)
-        self.init_report = initialize_(pl_module, self.init_config, generator=torch.Generator().manual_seed(seed))
-        self.init_seed, self.init_applied = seed, True
+        config = self._config_keeping_trained(pl_module)
+        self.init_report = initialize_(pl_module, config, generator=torch.Generator().manual_seed(seed))
+        self.init_seed, self.init_applied = seed, bool(self.init_report)
         self._initialized_model = weakref.ref(pl_module)
         self.monitor.record_init(self.init_report)
         layers = len({record.layer_key for record in self.init_report})
-        rank_zero_info(
-            f"GradHealth: initialized {len(self.init_report)} parameters of {layers} layers "
-            f"(seed {seed}):\n{format_init_report(self.init_report)}"
+        summary = f"GradHealth: initialized {len(self.init_report)} parameters of {layers} layers (seed {seed})"
+        if not self.init_report:
+            return
+        if self._family.printed_init_table:  # a refit of a copy (a retrain loop): one line
+            rank_zero_info(f"{summary}; the table is in init_report.")
+        else:
+            self._family.printed_init_table = True
+            rank_zero_info(f"{summary}:\n{format_init_report(self.init_report)}")
+
+    def _config_keeping_trained(self, pl_module: Any) -> InitConfig:
+        """The init settings with the modules whose weights were trained or loaded before this
+        fit (:func:`~lightning_gradhealth.provenance.trained_modules`) added to ``exclude``,
+        unless ``force_init``; names them and the frozen parameters init leaves alone."""
+        config = self.init_config
+        records = find_weights_to_initialize(pl_module, config)
+        frozen = frozen_parameters(records)
+        if frozen:
+            rank_zero_info(
+                f"GradHealth: init leaves the {len(frozen)} frozen parameters (requires_grad=False) as they are: "
+                f"{', '.join(frozen[:5])}{' and more' if len(frozen) > 5 else ''}."
+            )
+        if config.force_init:
+            return config
+        trained = trained_modules(pl_module, records=records, uniform_scale=config.uniform_scale)
+        if not trained:
+            return config
+        evidence = "; ".join(f"'{name}' ({why})" for name, why in trained.items())
+        rank_zero_warn(
+            f"GradHealth: init keeps the weights of {evidence}: they were loaded or trained before this fit "
+            f"(see lightning_gradhealth.provenance); the other layers are initialized. To initialize these too: "
+            f"GradHealth(init={config.init!r}, force_init=True)."
         )
+        return dataclasses.replace(config, exclude=(*(config.exclude or ()), *map(glob.escape, trained)))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Arm the probe on the first micro-batch of a sampled optimizer step."""
@@ -408,7 +464,12 @@ class GradHealth(CallbackBase):
         self.health_report = self.monitor.finish(
             step, amp_scaler_active=_amp_scaler(trainer) is not None, optimizer_steps=trainer.global_step
         )
-        rank_zero_info(self.health_report.format())
+        self._family.fits += 1
+        if self._origin is not None and self._family.fits > 1:  # a refit of a copy (a retrain loop): one line
+            title = self.health_report.format().splitlines()[0]
+            rank_zero_info(f"{title} (fit {self._family.fits}; the table is in health_report)")
+        else:
+            rank_zero_info(self.health_report.format())
         add_text(self._writers, tags.REPORT, self.health_report.markdown(), step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -423,13 +484,40 @@ class GradHealth(CallbackBase):
         self.monitor.detach()
         self._writers = []
         self._norms_after_backward = {}
+        origin = self._origin() if self._origin is not None else None
+        if origin is not None and origin is not self:
+            origin._show_results_of(self)
+
+    def _show_results_of(self, copy: GradHealth) -> None:
+        """Take the results of a fit that a copy of this object ran (see :meth:`__deepcopy__`)."""
+        for name in ("monitor", "health_report", "init_report", "init_applied", "init_seed"):
+            object.__setattr__(self, name, getattr(copy, name))
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the reference to the initialized model and the TensorBoard writers,
-        which belong to this process's run."""
-        state = self.__dict__.copy()
-        state["_initialized_model"], state["_writers"] = None, []
-        return state
+        """Only the settings and the resumable :meth:`state_dict` (plain values and tensors), so
+        that a pickle holding this callback (a forecasting library saves its Trainer's callbacks
+        with the model) loads with ``torch.load(weights_only=True)``: importing
+        ``lightning_gradhealth`` allow-lists ``GradHealth`` for torch's safe loader. The results
+        of a fit (report, norms) stay with the object that ran it."""
+        settings = {**dataclasses.asdict(self.init_config), **dataclasses.asdict(self.monitor.config)}
+        return {"settings": settings, "state": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: the settings are checked again, as at construction."""
+        GradHealth.__init__(self, **state["settings"])
+        self.load_state_dict(state["state"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradHealth:
+        """A copy with the same settings and state that shows its results on this object too:
+        after a library fits a copy (neuralforecast copies its models with their callbacks, a
+        retrain loop builds new Trainers), the ``GradHealth`` you created holds the latest
+        fit's report, norms and init rows. Copies share the once-only messages (the init
+        table, the full report, the no-TensorBoard notice), so a retrain loop prints them once."""
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(self.__getstate__())
+        object.__setattr__(copied, "_origin", self._origin or weakref.ref(self))
+        object.__setattr__(copied, "_family", self._family)
+        return copied
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on where this one stopped: whether init was applied
@@ -444,3 +532,9 @@ class GradHealth(CallbackBase):
         self.init_applied = bool(state.pop("init_applied", False))
         self.init_seed = state.pop("init_seed", None)
         self.monitor.load_state_dict(state)
+
+
+# A pickled GradHealth holds its settings and plain state only (GradHealth.__getstate__): allow it
+# in torch's safe loader, so that a saved model carrying its Trainer's callbacks loads with
+# torch.load(weights_only=True) in any process that imports lightning_gradhealth.
+torch.serialization.add_safe_globals([GradHealth])

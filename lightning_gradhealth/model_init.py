@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_gradhealth._validation import check_pattern_list, check_positive_finite, is_finite_number
+from lightning_gradhealth._validation import boolean, finite_number, gate_counts, optional_integer, pattern_list
 from lightning_gradhealth.inits import init_scheme_, resolve_scheme
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import (
@@ -39,7 +39,7 @@ from lightning_gradhealth.layers import (
     match_patterns,
 )
 
-__all__ = ["InitConfig", "InitRecord", "format_init_report", "initialize_"]
+__all__ = ["InitConfig", "InitRecord", "find_weights_to_initialize", "format_init_report", "initialize_"]
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,31 @@ class InitConfig:
         linear_init: scheme for plain ``nn.Linear`` layers (e.g. ``"he"`` before ReLU);
             ``None`` leaves them untouched. Independent of ``init``.
         custom: your own hidden-to-hidden matrices: glob pattern over parameter names ->
-            gate count, e.g. ``{"decoder.cell.W_hh": 4}``.
+            gate count, e.g. ``{"decoder.cell.W_hh": 4}``. Every parameter a pattern matches
+            must be such a matrix, of shape ``(gates * H, H)`` (checked against the model
+            before any weight is written: see :func:`~lightning_gradhealth.layers.find_recurrent_weights`).
         exclude: glob patterns over module or parameter names whose weights are left as they
             are, e.g. weights loaded before fit: ``["encoder.*"]``.
         seed: seed of the init draws when no generator is given; ``None``: the global RNG
             (:class:`~lightning_gradhealth.GradHealth` then uses ``torch.initial_seed()``).
+        force_init: :class:`~lightning_gradhealth.GradHealth` keeps the modules whose weights
+            were loaded or trained before the fit (:mod:`~lightning_gradhealth.provenance`);
+            ``True`` initializes them too. :func:`initialize_`, called by you, writes them
+            either way. Frozen parameters (``requires_grad=False``) are never written.
+
+    Every number may also be a numpy or 0-d torch scalar of a real dtype (stored as a Python
+    ``float`` or ``int``); a bool is not a number here.
 
     Raises:
+        TypeError: an argument of the wrong type, named with what was given and what is allowed:
+            a scheme name that is not a string, a number that is not a real number (or, for
+            ``chrono_t_max`` and ``seed``, not an integer), ``custom`` that is not a dict of
+            pattern -> integer, ``exclude`` that is not a list of strings (one bare string
+            included: write ``exclude=["encoder.*"]``).
         ValueError: unknown scheme names (with the valid names and the closest match), a
             non-positive or non-finite gain or scale, a non-finite forget bias, ``chrono_t_max``
             below 2, a gate count below 1, an empty pattern, a seed outside ``[0, 2**63)``, or
-            recurrent options given without ``init``.
+            ``chrono_t_max`` given without ``init``.
     """
 
     init: Optional[str] = None
@@ -82,34 +96,28 @@ class InitConfig:
     custom: Optional[dict[str, int]] = None
     exclude: Optional[list[str]] = None
     seed: Optional[int] = None
+    force_init: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "init", resolve_scheme(self.init, "init"))
-        object.__setattr__(self, "input_init", resolve_scheme(self.input_init, "input_init"))
-        object.__setattr__(self, "linear_init", resolve_scheme(self.linear_init, "linear_init"))
-        check_positive_finite("gain", self.gain)
-        check_positive_finite("uniform_scale", self.uniform_scale)
-        if not is_finite_number(self.forget_bias):
-            raise ValueError(f"forget_bias must be a finite number, got {self.forget_bias!r}")
-        if self.chrono_t_max is not None and (
-            isinstance(self.chrono_t_max, bool) or not isinstance(self.chrono_t_max, int) or self.chrono_t_max < 2
-        ):
-            raise ValueError(
-                f"chrono_t_max must be an integer >= 2 (the longest dependency in steps), got {self.chrono_t_max!r}"
-            )
+        settings = {
+            "init": resolve_scheme(self.init, "init"),
+            "input_init": resolve_scheme(self.input_init, "input_init"),
+            "gain": finite_number("gain", self.gain, "a finite number > 0", above=0),
+            "forget_bias": finite_number("forget_bias", self.forget_bias, "a finite number"),
+            "chrono_t_max": optional_integer(
+                "chrono_t_max", self.chrono_t_max, "an integer >= 2 (the longest dependency in steps) or None", minimum=2
+            ),
+            "uniform_scale": finite_number("uniform_scale", self.uniform_scale, "a finite number > 0", above=0),
+            "linear_init": resolve_scheme(self.linear_init, "linear_init"),
+            "custom": gate_counts("custom", self.custom),
+            "exclude": pattern_list("exclude", self.exclude),
+            "seed": optional_integer("seed", self.seed, "None or an integer in [0, 2**63)", minimum=0, maximum=2**63 - 1),
+            "force_init": boolean("force_init", self.force_init),
+        }
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
         if self.init is None and self.chrono_t_max is not None:
             raise ValueError("chrono_t_max initializes LSTM biases, which happens only with init=...; pass an init scheme")
-        for pattern, gates in (self.custom or {}).items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"custom patterns must be non-empty strings, got {pattern!r}")
-            if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
-                raise ValueError(f"custom pattern {pattern!r}: the gate count must be an integer >= 1, got {gates!r}")
-        check_pattern_list("exclude", self.exclude)
-        object.__setattr__(self, "custom", dict(self.custom) if self.custom else None)
-        object.__setattr__(self, "exclude", list(self.exclude) if self.exclude else None)
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
 
     @property
     def changes_weights(self) -> bool:
@@ -188,6 +196,38 @@ def _excluded(records: list[WeightRecord], exclude: Sequence[str]) -> set[str]:
     }
 
 
+def _targets(model: nn.Module, config: InitConfig) -> list[tuple[WeightRecord, str]]:
+    """Every weight ``config`` initializes, with its scheme (``"bias"`` for bias vectors), in
+    model order; ``exclude`` applied, frozen parameters included. A parameter a ``custom``
+    pattern claims as recurrent is not also a plain linear weight.
+
+    Raises:
+        ValueError: a ``custom`` or ``exclude`` pattern that matches nothing.
+    """
+    targets: list[tuple[WeightRecord, Optional[str]]] = []
+    if config.init is not None:
+        for record in find_recurrent_weights(model, config.custom):
+            scheme = config.init if record.role == "recurrent" else config.input_init
+            targets.append((record, "bias" if record.role == "bias" else scheme))
+    if config.linear_init is not None:
+        claimed = {id(record.tensor) for record, _ in targets}
+        for record in find_linear_weights(model):
+            if id(record.tensor) not in claimed:
+                targets.append((record, config.linear_init if record.role == "linear" else "bias"))
+    excluded = _excluded([record for record, _ in targets], config.exclude) if config.exclude else set()
+    return [(record, scheme) for record, scheme in targets if scheme is not None and record.full_name not in excluded]
+
+
+def find_weights_to_initialize(model: nn.Module, config: InitConfig) -> list[WeightRecord]:
+    """The weights :func:`initialize_` writes with ``config``, frozen ones included (it skips those).
+
+    Examples:
+        >>> [r.param_name for r in find_weights_to_initialize(torch.nn.GRU(4, 8), InitConfig(init="orthogonal"))]
+        ['weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0', 'bias_hh_l0']
+    """
+    return [record for record, _ in _targets(model, config)]
+
+
 def initialize_(
     model: nn.Module,
     init: Union[str, InitConfig, None] = "orthogonal",
@@ -198,7 +238,8 @@ def initialize_(
     """Initialize every recurrent layer of ``model`` in place; return one :class:`InitRecord` per parameter written.
 
     Writes happen under ``torch.no_grad()`` with ``copy_``, so parameters keep their storage
-    (cuDNN's flattened weight buffer stays valid) and their device and dtype.
+    (cuDNN's flattened weight buffer stays valid) and their device and dtype. Frozen
+    parameters (``requires_grad=False``) are never written.
 
     Args:
         model: any module tree holding ``nn.RNN``/``LSTM``/``GRU`` layers or ``nn.*Cell`` cells.
@@ -227,21 +268,9 @@ def initialize_(
         config = InitConfig(init=init, **options)
     if generator is None and config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
-    targets: list[tuple[WeightRecord, Optional[str]]] = []
-    if config.init is not None:
-        for record in find_recurrent_weights(model, config.custom):
-            scheme = config.init if record.role == "recurrent" else config.input_init
-            if record.role == "bias":
-                scheme = "bias"
-            targets.append((record, scheme))
-    if config.linear_init is not None:
-        for record in find_linear_weights(model):
-            targets.append((record, config.linear_init if record.role == "linear" else "bias"))
-
-    excluded = _excluded([record for record, _ in targets], config.exclude) if config.exclude else set()
     report: list[InitRecord] = []
-    for record, scheme in targets:
-        if scheme is None or record.full_name in excluded:
+    for record, scheme in _targets(model, config):
+        if not record.tensor.requires_grad:  # frozen: never written
             continue
         if scheme == "bias":
             text = _init_bias_(record, config, generator)
