@@ -258,6 +258,7 @@ class GradHealth(CallbackBase):
         self._writers: list[Any] = []
         self._norms_after_backward: dict[int, tuple[int, torch.Tensor]] = {}  # manual optimization: (step, norm)
         self._origin: Optional[weakref.ref[GradHealth]] = None  # the object a copy was made from
+        self._ran_fit = False  # a fit started since the last release
         self._family = _Family()
 
     __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
@@ -303,6 +304,7 @@ class GradHealth(CallbackBase):
                 "norms). Use clip='norm', whose norm GradHealth reduces over all processes."
             )
         step = _logging_step(trainer)
+        self._ran_fit = True
         # under FSDP, find the layers and initialize on whole parameters; every rank writes the same values
         with whole_parameters(root, writeback=True):
             # on resume the loop's step counter is restored only after on_fit_start: keep the history
@@ -485,8 +487,9 @@ class GradHealth(CallbackBase):
         self._writers = []
         self._norms_after_backward = {}
         origin = self._origin() if self._origin is not None else None
-        if origin is not None and origin is not self:
+        if origin is not None and self._ran_fit:  # a copy's predict or test leaves the results as they are
             origin._show_results_of(self)
+        self._ran_fit = False
 
     def _show_results_of(self, copy: GradHealth) -> None:
         """Take the results of a fit that a copy of this object ran (see :meth:`__deepcopy__`)."""

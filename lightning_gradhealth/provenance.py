@@ -47,7 +47,16 @@ from torch import Tensor, nn
 
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights
 
-__all__ = ["EDGE", "KS_CRITICAL", "ORTHOGONAL_RTOL", "fresh_pattern", "frozen_parameters", "trained_modules", "uniform_bounds"]
+__all__ = [
+    "EDGE",
+    "KS_CRITICAL",
+    "ORTHOGONAL_RTOL",
+    "OTHER_BOUND_MIN_ENTRIES",
+    "fresh_pattern",
+    "frozen_parameters",
+    "trained_modules",
+    "uniform_bounds",
+]
 
 KS_CRITICAL = 2.6
 """A fresh uniform draw of n entries has a Kolmogorov-Smirnov distance to its distribution
@@ -57,6 +66,11 @@ EDGE = 13.0
 """A fresh uniform draw of n entries reaches within ``bound * EDGE / n`` of its bound except with
 probability ``exp(-EDGE)`` = 2e-6: training that moves the entries inward (weight decay, a loss
 that shrinks the states) leaves a gap at the edge."""
+
+OTHER_BOUND_MIN_ENTRIES = 650
+"""Below this many entries (``EDGE / 0.02``) the test at the edge allows more than 2% of slack, so
+a draw of a bound other than PyTorch's default is accepted in a module whose biases kept the
+default only from a matrix at least this large."""
 
 ORTHOGONAL_RTOL = 2e-5
 """How far ``||B v|| / ||v||`` may vary over random ``v`` for a block counted as orthogonal up
@@ -124,6 +138,17 @@ def _is_orthogonal_up_to_scale(block: Tensor, generator: torch.Generator) -> boo
     return largest > 0 and (largest - ratios.min().item()) <= ORTHOGONAL_RTOL * largest
 
 
+def _enough_beyond(values: Tensor, default: float, bound: float) -> bool:
+    """For a draw of ``U(-bound, bound)`` wider than PyTorch's default ``U(-default, default)``:
+    whether enough entries lie beyond ``default``. A fresh draw puts a fraction
+    ``p = 1 - default / bound`` there; default-initialized weights that training pushed a little
+    beyond their bound put only a few. Refused below ``n p - 4 sqrt(n p (1 - p))``."""
+    if bound <= default:
+        return True
+    n, p = values.numel(), 1 - default / bound
+    return int((values.abs() > default).sum()) >= n * p - 4 * math.sqrt(n * p * (1 - p))
+
+
 def fresh_pattern(record: WeightRecord, uniform_scale: Optional[float] = None) -> tuple[Optional[str], str]:
     """The fresh-init pattern ``record``'s values match, or ``None`` and what rules them out.
 
@@ -154,10 +179,10 @@ def fresh_pattern(record: WeightRecord, uniform_scale: Optional[float] = None) -
     eps = torch.finfo(tensor.dtype).eps if tensor.dtype.is_floating_point else 0.0
     bounds = uniform_bounds(record, uniform_scale)
     largest = values.abs().max().item()
-    for name, bound in bounds.items():
-        if _is_uniform_draw(largest, values.numel(), sample, bound, eps):
-            return f"uniform draw, {name} bound {bound:.3g}", ""  # PyTorch's default first: see _DEFAULT_DRAW
     default = bounds["PyTorch's default"]
+    for name, bound in bounds.items():
+        if _is_uniform_draw(largest, values.numel(), sample, bound, eps) and _enough_beyond(values, default, bound):
+            return f"uniform draw, {name} bound {bound:.3g}", ""  # PyTorch's default first: see _DEFAULT_DRAW
     beyond = int((values.abs() > default * (1 + 4 * eps)).sum())
     if beyond:
         evidence = f"{beyond} entries beyond PyTorch's default bound {default:.3g} (max |w| {largest:.3g})"
@@ -189,19 +214,41 @@ def trained_modules(
     for record in found:
         by_module[record.module_name].append(record)
     for module_name, module_records in by_module.items():
-        default_drawn: list[WeightRecord] = []
+        patterns = {}
         for record in module_records:
             pattern, evidence = fresh_pattern(record, uniform_scale)
             if pattern is None:
                 judged[module_name] = f"{record.param_name}: {evidence}"
                 break
-            if pattern.startswith(_DEFAULT_DRAW):
-                default_drawn.append(record)
+            patterns[record.param_name] = (record, pattern)
         else:
-            evidence = _pooled_default_evidence(default_drawn)
+            evidence = _inconsistent_draw(list(patterns.values())) or _pooled_default_evidence(
+                [record for record, pattern in patterns.values() if pattern.startswith(_DEFAULT_DRAW)]
+            )
             if evidence:
                 judged[module_name] = evidence
     return judged
+
+
+def _inconsistent_draw(patterns: Sequence[tuple[WeightRecord, str]]) -> str:
+    """A module whose biases were not re-initialized (they are not constant or chrono) kept
+    PyTorch's default init; then a matrix that passes as a draw of another, wider bound only
+    because it has too few entries (fewer than :data:`OTHER_BOUND_MIN_ENTRIES`) for the test
+    at the edge to be tight is more likely default weights that training pushed past their
+    bound. Returns that evidence, or ``""``."""
+    biases_reinitialized = all(
+        pattern in ("constant gate blocks", "chrono bias (b_i = -b_f)") for record, pattern in patterns if record.role == "bias"
+    )
+    if biases_reinitialized:
+        return ""
+    for record, pattern in patterns:
+        count = record.tensor.numel()
+        if pattern.startswith("uniform draw") and not pattern.startswith(_DEFAULT_DRAW) and count < OTHER_BOUND_MIN_ENTRIES:
+            return (
+                f"{record.param_name}: passes as a {pattern.removeprefix('uniform draw, ')} draw, but its {count} entries "
+                "cannot tell that from default weights trained past their bound, and the biases kept PyTorch's default"
+            )
+    return ""
 
 
 def _pooled_default_evidence(records: Sequence[WeightRecord]) -> str:

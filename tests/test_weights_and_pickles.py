@@ -67,6 +67,22 @@ def test_pytorch_default_init_is_fresh_and_a_few_optimizer_steps_are_not(layer, 
     assert list(trained_modules(module)) == [""]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_default_weights_trained_past_their_bound_are_not_taken_for_a_wider_fresh_draw(seed):
+    """A short pretraining (21 Adam steps, as a forecasting library's first epochs) pushes a few
+    entries of a small layer past PyTorch's bound, where they could pass for a Glorot draw; the
+    biases that kept PyTorch's default say otherwise."""
+    torch.manual_seed(seed)
+    rnn, head = nn.LSTM(1, 8, batch_first=True), nn.Linear(8, 1)
+    optimizer = torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=1e-3)
+    x = torch.randn(32, 12, 1)
+    for _ in range(21):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(head(rnn(x)[0][:, -1]), x.sum(1)).backward()
+        optimizer.step()
+    assert list(trained_modules(rnn)) == [""]
+
+
 @pytest.mark.parametrize("scheme", ["orthogonal", "glorot", "identity", "uniform"])
 def test_gradhealths_own_bounded_and_structured_inits_are_fresh(scheme):
     torch.manual_seed(0)
@@ -188,6 +204,11 @@ def test_the_callbacks_pickle_holds_settings_and_plain_data_and_loads_with_the_s
     assert done.stdout.split() == ["GradHealth", "0.5", "['rnn.bias_hh*']", "True"]
 
 
+class Predicts(PLSequenceModel):
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
 def test_the_object_the_user_holds_shows_the_results_of_its_copies(caplog):
     """neuralforecast deep-copies its models with their callbacks; retrain loops refit copies."""
     health = GradHealth(init="orthogonal")
@@ -203,7 +224,9 @@ def test_the_object_the_user_holds_shows_the_results_of_its_copies(caplog):
                 )
     finally:
         lightning_logger.removeHandler(caplog.handler)
-    assert health.health_report is not None and health.health_report.step == 2
+    model = Predicts()
+    pytorch_lightning.Trainer(callbacks=[copy.deepcopy(health)], **trainer_kwargs()).predict(model, model.train_dataloader())
+    assert health.health_report is not None and health.health_report.step == 2  # a copy that only predicted changed nothing
     assert set(health.timestep_grad_norms) == {"rnn.l0", "rnn.l0.cell"} and len(health.init_report) == 4
     printed = caplog.text
     assert printed.count("rnn.l0  weight_hh_l0  recurrent") == 1  # the init table once
