@@ -119,16 +119,19 @@ class GradHealth(CallbackBase):
     timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
     direction, ``gradhealth/<layer>/transmission``, ``.../horizon``, ``.../rate_per_step``,
     ``.../dh_norm_first`` and ``.../dh_norm_last`` (definitions in
-    :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps two pictures to
-    TensorBoard: the latest curve over t and a heatmap over (training step, t). L is the loss
+    :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps after step 0 two
+    pictures to TensorBoard: the latest curve over t and a heatmap over (training step, t). L is the loss
     Lightning backpropagates (divided by ``accumulate_grad_batches``; the first micro-batch of
     the window is measured), AMP-unscaled.
 
     On logging steps it also logs ``gradhealth/<layer>/<gate>/sigma_max`` of every
     hidden-to-hidden matrix (warm-started iteration), and on every ``full_every_n_steps`` the
     full spectra (``sigma_min``, ``condition``, ``spectral_radius``, ``orth_error``,
-    ``outside_unit_circle``), their histograms and an eigenvalue picture
-    (:mod:`lightning_gradhealth.spectra`); step 0 shows the weights right after init.
+    ``outside_unit_circle``), their histograms and (after step 0) an eigenvalue picture
+    (:mod:`lightning_gradhealth.spectra`); step 0 shows the weights right after init, as numbers
+    only, so that a short fit is not slowed by drawing. At the end of fit the final spectra go to
+    the loggers too, at the last step, with the pictures when the run reached a full pass after
+    step 0.
 
     On every optimizer step it checks the gradients for NaN/Inf (one fused check) and, with
     ``clip``, clips them; on logging steps it logs the true gradient norm
@@ -466,6 +469,8 @@ class GradHealth(CallbackBase):
         self.health_report = self.monitor.finish(
             step, amp_scaler_active=_amp_scaler(trainer) is not None, optimizer_steps=trainer.global_step
         )
+        if trainer.is_global_zero:
+            write_outputs(trainer.loggers, self._writers, self.monitor.end_of_fit(step), step, self._picture_failed)
         self._family.fits += 1
         if self._origin is not None and self._family.fits > 1:  # a refit of a copy (a retrain loop): one line
             title = self.health_report.format().splitlines()[0]

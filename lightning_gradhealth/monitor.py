@@ -280,13 +280,14 @@ class GradHealthMonitor:
             if self._probe is not None and self._probe.has_captures:
                 result = self._probe.compute(grad_scale=grad_scale)
                 self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
-                if plan.full:
+                if plan.pictures:
                     self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
             if plan.measure:
                 if self._probe is not None:
                     for key, message in sorted(self._probe.notices().items()):
                         self.notices.say(key, message)
-                self._guarded("spectra", output, lambda: self.spectrum_tracker.update(self.recurrent_weights, step, plan.full))
+                records = self.recurrent_weights
+                self._guarded("spectra", output, lambda: self.spectrum_tracker.update(records, step, plan.full, plan.pictures))
         gradients = self.gradient_tracker.update(
             parameters,
             step,
@@ -320,6 +321,18 @@ class GradHealthMonitor:
         with self.distributed.full_parameters():
             self.spectrum_tracker.finish(self.recurrent_weights)
         return self.report(step, optimizer_steps)
+
+    def end_of_fit(self, step: int) -> StepOutput:
+        """What to log at the step the fit ends (after :meth:`finish`): the final spectra's
+        scalars and histograms; with the eigenvalue pictures and the latest probe's curve and
+        heatmap when the run reached a full pass after step 0 (``step >= full_every_n_steps``),
+        so that a short fit, or each refit of a retrain loop, is not slowed by drawing."""
+        pictures = step >= self.schedule.full_every_n_steps
+        output = StepOutput()
+        self._guarded("spectra", output, lambda: self.spectrum_tracker.end_of_fit(self.recurrent_weights, step, pictures))
+        if pictures and self.timestep_tracker.grad_norms:
+            self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
+        return output
 
     def report(self, step: int, optimizer_steps: Optional[int] = None) -> HealthReport:
         """The health report from what was measured so far (``finish`` also takes the final spectra)."""

@@ -144,13 +144,18 @@ class StepPlan:
 
     Attributes:
         measure: run the probe and the spectra (the first optimizer to step at a logging step).
-        full: a full pass: every singular value and eigenvalue, histograms and pictures.
+        full: a full pass: every singular value and eigenvalue, and their histograms.
         log_gradients: log this optimizer's gradient norms and clipping statistics.
+        pictures: draw the pictures: on the full passes after step 0. The first full pass, right
+            after init, is numbers only: drawing costs about a second per fit, which every
+            refit of a retrain loop would pay; :meth:`GradHealthMonitor.end_of_fit` draws the
+            final state of a long run.
     """
 
     measure: bool
     full: bool
     log_gradients: bool
+    pictures: bool = False
 
 
 class Schedule:
@@ -168,8 +173,10 @@ class Schedule:
         >>> schedule.resolve(fallback=20)
         >>> schedule.log_every_n_steps, schedule.full_every_n_steps
         (20, 40)
-        >>> schedule.update(40, optimizer=""), schedule.update(40, optimizer="")
-        (StepPlan(measure=True, full=True, log_gradients=True), StepPlan(measure=False, full=False, log_gradients=False))
+        >>> schedule.update(40, optimizer="")
+        StepPlan(measure=True, full=True, log_gradients=True, pictures=True)
+        >>> schedule.update(40, optimizer="")  # a second optimizer step at the same logged step
+        StepPlan(measure=False, full=False, log_gradients=False, pictures=False)
     """
 
     def __init__(self, log_every_n_steps: Optional[int] = None, full_every_n_steps: Optional[int] = None) -> None:
@@ -207,7 +214,8 @@ class Schedule:
             self._measured_step = step
         if log_gradients:
             self._logged_steps[optimizer] = step
-        return StepPlan(measure, measure and step % self.full_every_n_steps == 0, log_gradients)
+        full = measure and step % self.full_every_n_steps == 0
+        return StepPlan(measure, full, log_gradients, pictures=full and step > 0)
 
     def reset(self) -> None:
         """Forget which steps were measured (a new fit may count its steps from 0 again)."""
@@ -493,8 +501,9 @@ class SpectrumTracker:
         self.start_summaries: dict[LayerKey, SpectrumSummary] = {}
         self._sigma_max: dict[str, SigmaMaxTracker] = {}
 
-    def update(self, records: Sequence[WeightRecord], step: int, full: bool) -> StepOutput:
-        """Measure every recurrent matrix in ``records``; a full pass when ``full``."""
+    def update(self, records: Sequence[WeightRecord], step: int, full: bool, pictures: bool = False) -> StepOutput:
+        """Measure every recurrent matrix in ``records``; a full pass when ``full``, with the
+        eigenvalue pictures when ``pictures``."""
         output = StepOutput()
         for record in records:
             if record.role != "recurrent":
@@ -504,36 +513,55 @@ class SpectrumTracker:
                 self.spectra[record.full_name] = spectrum
                 if not record.projection:
                     self.start_summaries.setdefault(record.layer_key, summarize_spectrum(spectrum, step))
-                # non-square blocks (an LSTM's weight_hh with proj_size, its weight_hr) have no eigenvalues: no radius is logged
-                without = ("spectral_radius", "outside_unit_circle") if spectrum.eigenvalues is None else ()
-                values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS if name not in without}
-                finite = spectrum.finite.tolist()
-                output.update(self._distributions(record, spectrum))
+                output.update(self._full_output(record, spectrum, step, pictures))
             else:
                 sigma_max = self._sigma_max.setdefault(record.full_name, SigmaMaxTracker())(record.tensor, len(record.gates))
-                values = {"sigma_max": sigma_max.tolist()}
-                finite = torch.isfinite(sigma_max).tolist()
-            for name, per_gate in values.items():
-                output.scalars.update({tags.gate_tag(record.layer_key, gate, name): v for gate, v in zip(record.gates, per_gate)})
-            if not all(finite):
-                bad = [gate for gate, ok in zip(record.gates, finite) if not ok]
-                output.scalars[tags.layer_tag(record.layer_key, "nonfinite_weight_blocks")] = float(len(bad))
-                self.notices.say(
-                    (record.full_name, "weights"),
-                    f"{record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; "
-                    "their spectra are logged as NaN.",
-                )
+                output.update(self._scalars(record, {"sigma_max": sigma_max.tolist()}, torch.isfinite(sigma_max).tolist(), step))
+        return output
+
+    def end_of_fit(self, records: Sequence[WeightRecord], step: int, pictures: bool) -> StepOutput:
+        """The scalars and histograms of the final spectra taken by :meth:`finish` (and their
+        pictures when ``pictures``), for the step the fit ends at."""
+        output = StepOutput()
+        for record in records:
+            spectrum = self.spectra.get(record.full_name)
+            if record.role == "recurrent" and not record.projection and spectrum is not None:
+                output.update(self._full_output(record, spectrum, step, pictures))
+        return output
+
+    def _full_output(self, record: WeightRecord, spectrum: MatrixSpectrum, step: int, pictures: bool) -> StepOutput:
+        """One matrix's full-pass scalars per gate, histograms and (``pictures``) eigenvalue picture."""
+        # non-square blocks (an LSTM's weight_hh with proj_size, its weight_hr) have no eigenvalues: no radius is logged
+        without = ("spectral_radius", "outside_unit_circle") if spectrum.eigenvalues is None else ()
+        values = {name: getattr(spectrum, name).tolist() for name in tags.SPECTRUM_SCALARS if name not in without}
+        output = self._scalars(record, values, spectrum.finite.tolist(), step)
+        output.update(self._distributions(record, spectrum, pictures))
+        return output
+
+    def _scalars(self, record: WeightRecord, values: dict[str, list[float]], finite: list[bool], step: int) -> StepOutput:
+        """Per-gate scalars of one matrix; its NaN/Inf gate blocks counted and named once."""
+        output = StepOutput()
+        for name, per_gate in values.items():
+            output.scalars.update({tags.gate_tag(record.layer_key, gate, name): v for gate, v in zip(record.gates, per_gate)})
+        if not all(finite):
+            bad = [gate for gate, ok in zip(record.gates, finite) if not ok]
+            output.scalars[tags.layer_tag(record.layer_key, "nonfinite_weight_blocks")] = float(len(bad))
+            self.notices.say(
+                (record.full_name, "weights"),
+                f"{record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; "
+                "their spectra are logged as NaN.",
+            )
         return output
 
     @staticmethod
-    def _distributions(record: WeightRecord, spectrum: MatrixSpectrum) -> StepOutput:
-        """Histograms of the singular values and eigenvalue moduli per gate, and the eigenvalue picture."""
+    def _distributions(record: WeightRecord, spectrum: MatrixSpectrum, pictures: bool) -> StepOutput:
+        """Histograms of the singular values and eigenvalue moduli per gate, and (``pictures``) the eigenvalue picture."""
         output = StepOutput()
         for index, gate in enumerate(record.gates):
             output.histograms[tags.gate_tag(record.layer_key, gate, "singular_values")] = spectrum.singular_values[index]
             if spectrum.eigenvalues is not None:
                 output.histograms[tags.gate_tag(record.layer_key, gate, "eigenvalue_moduli")] = spectrum.eigenvalues[index].abs()
-        if spectrum.eigenvalues is not None:
+        if pictures and spectrum.eigenvalues is not None:
             chart = EigenvalueChart(spectrum.eigenvalues, record.gates, str(record.layer_key))
             output.pictures[tags.layer_tag(record.layer_key, "eigenvalues")] = chart
         return output

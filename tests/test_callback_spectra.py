@@ -23,17 +23,18 @@ def test_a_real_fit_writes_spectral_scalars_histograms_and_the_eigenvalue_pictur
     pytorch_lightning.Trainer(callbacks=[health], **trainer_kwargs(max_steps=5, logger=logger)).fit(model)
     events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
-    for gate in "ifgo":
-        assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")] == [0, 2, 4]
+    for gate in "ifgo":  # and at the end of fit (step 5), the final spectra
+        assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")] == [0, 2, 4, 5]
         for name in ("sigma_min", "condition", "spectral_radius", "orth_error", "outside_unit_circle"):
-            assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/{name}")] == [0, 4]
+            assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/{name}")] == [0, 4, 5]
         assert f"gradhealth/rnn.l0/{gate}/singular_values" in tags["histograms"]
         assert f"gradhealth/rnn.l0/{gate}/eigenvalue_moduli" in tags["histograms"]
         # step 0 is right after init: orthogonal per gate
         assert events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")[0].value == pytest.approx(1.0, abs=1e-5)
         assert events.Scalars(f"gradhealth/rnn.l0/{gate}/orth_error")[0].value == pytest.approx(0.0, abs=1e-5)
+    # pictures: none at step 0 (numbers only, right after init), then each full pass and the end of fit
     image = events.Images("gradhealth/rnn.l0/eigenvalues")
-    assert [i.step for i in image] == [0, 4] and image[0].width > 2 * 100 and image[0].height > 2 * 100  # 2 x 2 panels
+    assert [i.step for i in image] == [4, 5] and image[0].width > 2 * 100 and image[0].height > 2 * 100  # 2 x 2 panels
 
 
 def test_projections_are_non_square_singular_values_only(tmp_path):

@@ -179,10 +179,11 @@ def test_tensorboard_serves_our_scalars_histograms_and_images(served: Served) ->
     for tag in ("gradhealth/rnn.l0/transmission", "gradhealth/rnn.l0/i/sigma_max"):
         series = served.json("/data/plugin/scalars/scalars", run=RUN, tag=tag)
         assert [(step, value) for _, step, value in series] == [(e.step, e.value) for e in events.Scalars(tag)]
-        assert [step for _, step, _ in series] == list(range(STEPS))
+        # every step; the spectra also at the end of fit
+        assert [step for _, step, _ in series] == list(range(STEPS)) + ([STEPS] if "sigma" in tag else [])
 
     histogram = served.json("/data/plugin/histograms/histograms", run=RUN, tag="gradhealth/rnn.l0/i/singular_values")
-    assert [step for _, step, _ in histogram] == [0, 2]  # full passes
+    assert [step for _, step, _ in histogram] == [0, 2, STEPS]  # full passes and the end of fit
     for _, _, buckets in histogram:
         assert sum(count for _, _, count in buckets) == 8  # every singular value of an 8 x 8 gate block
     # step 0 is right after orthogonal init: all singular values 1
@@ -190,7 +191,7 @@ def test_tensorboard_serves_our_scalars_histograms_and_images(served: Served) ->
 
     for name in pictures:
         images = served.json("/data/plugin/images/images", run=RUN, tag=f"gradhealth/rnn.l0/{name}")
-        assert [image["step"] for image in images] == [0, 2]
+        assert [image["step"] for image in images] == [2, STEPS]  # step 0 is numbers only
         png = served.get("/data/plugin/images/individualImage?" + images[-1]["query"])
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
