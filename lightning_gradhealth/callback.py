@@ -2,8 +2,10 @@
 :class:`~lightning_gradhealth.GradHealthMonitor` and the math lives in the other modules.
 
 - ``on_fit_start``: initialize the recurrent layers once (:mod:`~lightning_gradhealth.model_init`),
-  attach the monitor (the timestep probe's forward hooks), record the configuration and the
-  custom-scalars layout in TensorBoard.
+  keeping the modules whose weights were loaded or trained before (:mod:`~lightning_gradhealth.provenance`),
+  and attach the monitor (the timestep probe's forward hooks).
+- ``on_train_start``: record the configuration and the custom-scalars layout in TensorBoard, at
+  the step the run starts from.
 - ``on_train_batch_start``: the monitor arms the probe on a sampled step; on every other step
   it does a counter check and nothing else.
 - ``on_after_backward``, manual optimization only, on logging steps: each optimizer's gradient
@@ -11,7 +13,8 @@
 - ``on_before_optimizer_step`` (gradients are AMP-unscaled and accumulation is complete): the
   monitor measures, checks and clips; the callback sends the scalars to every logger and the
   histograms and pictures to TensorBoard.
-- ``on_train_end``: the health report, printed on rank 0 and written as TensorBoard text.
+- ``on_train_end``: the health report, printed on rank 0 and written as TensorBoard text, and
+  the final spectra (with pictures after a long run) at the last step.
 - end of fit (or an exception): remove every hook.
 
 The arguments are declared once, as the fields of :class:`~lightning_gradhealth.InitConfig` and
@@ -222,7 +225,7 @@ class GradHealth(CallbackBase):
             list of patterns goes, a bool or a string where a number goes), naming it, what was
             given and what is allowed.
         ValueError: at construction, for an unknown scheme name (the message lists the valid
-            names and the closest match), a negative or non-finite gain, an invalid gate count,
+            names and the closest match), a gain that is not positive and finite, an invalid gate count,
             seed, interval or threshold; at the start of fit, before any step, for a
             ``custom``, ``exclude`` or ``custom_cells`` pattern that matches nothing, a
             ``custom`` pattern that matches a parameter that is not a ``(gates * H, H)``
@@ -307,7 +310,6 @@ class GradHealth(CallbackBase):
                 "norms). Use clip='norm', whose norm GradHealth reduces over all processes."
             )
         step = _logging_step(trainer)
-        self._ran_fit = True
         # under FSDP, find the layers and initialize on whole parameters; every rank writes the same values
         with whole_parameters(root, writeback=True):
             # on resume the loop's step counter is restored only after on_fit_start: keep the history
@@ -327,6 +329,7 @@ class GradHealth(CallbackBase):
                 f"GradHealth: no TensorBoard logger among trainer.loggers ({loggers}): scalars go to every logger, "
                 "histograms, pictures and the report text are not written; the health report still prints at the end of fit."
             )
+        self._ran_fit = True
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Write the configuration and the custom-scalars layout to every TensorBoard log
@@ -361,9 +364,11 @@ class GradHealth(CallbackBase):
             return
         seed = self.init_config.seed if self.init_config.seed is not None else torch.initial_seed()
         seed = trainer.strategy.broadcast(seed, src=0)
-        config = self._config_keeping_trained(pl_module)
+        config = self._config_keeping_trained(trainer, pl_module)
         self.init_report = initialize_(pl_module, config, generator=torch.Generator().manual_seed(seed))
-        self.init_seed, self.init_applied = seed, bool(self.init_report)
+        if not self.init_report:
+            return
+        self.init_seed, self.init_applied = seed, True
         self._initialized_model = weakref.ref(pl_module)
         self.monitor.record_init(self.init_report)
         layers = len({record.layer_key for record in self.init_report})
@@ -376,7 +381,7 @@ class GradHealth(CallbackBase):
             self._family.printed_init_table = True
             rank_zero_info(f"{summary}:\n{format_init_report(self.init_report)}")
 
-    def _config_keeping_trained(self, pl_module: Any) -> InitConfig:
+    def _config_keeping_trained(self, trainer: Any, pl_module: Any) -> InitConfig:
         """The init settings with the modules whose weights were trained or loaded before this
         fit (:func:`~lightning_gradhealth.provenance.trained_modules`) added to ``exclude``,
         unless ``force_init``; names them and the frozen parameters init leaves alone."""
@@ -390,7 +395,9 @@ class GradHealth(CallbackBase):
             )
         if config.force_init:
             return config
-        trained = trained_modules(pl_module, records=records, uniform_scale=config.uniform_scale)
+        trainable = [record for record in records if record.tensor.requires_grad]  # frozen ones are never written anyway
+        trained = trained_modules(pl_module, records=trainable, uniform_scale=config.uniform_scale)
+        trained = trainer.strategy.broadcast(trained, src=0)  # every rank keeps the same modules
         if not trained:
             return config
         evidence = "; ".join(f"'{name}' ({why})" for name, why in trained.items())
@@ -399,7 +406,8 @@ class GradHealth(CallbackBase):
             f"(see lightning_gradhealth.provenance); the other layers are initialized. To initialize these too: "
             f"GradHealth(init={config.init!r}, force_init=True)."
         )
-        return dataclasses.replace(config, exclude=(*(config.exclude or ()), *map(glob.escape, trained)))
+        kept = [glob.escape(record.full_name) for record in records if record.module_name in trained]
+        return dataclasses.replace(config, exclude=(*(config.exclude or ()), *kept))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Arm the probe on the first micro-batch of a sampled optimizer step."""
@@ -498,6 +506,8 @@ class GradHealth(CallbackBase):
 
     def _show_results_of(self, copy: GradHealth) -> None:
         """Take the results of a fit that a copy of this object ran (see :meth:`__deepcopy__`)."""
+        if copy.health_report is None:  # the copy's fit failed before its end: nothing to show
+            return
         for name in ("monitor", "health_report", "init_report", "init_applied", "init_seed"):
             object.__setattr__(self, name, getattr(copy, name))
 
@@ -511,7 +521,13 @@ class GradHealth(CallbackBase):
         return {"settings": settings, "state": self.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild from :meth:`__getstate__`: the settings are checked again, as at construction."""
+        """Rebuild from :meth:`__getstate__`: the settings are checked again, as at construction.
+        A pickle of an earlier version (the whole object) is rebuilt from its two configs."""
+        if "settings" not in state:
+            settings = {**dataclasses.asdict(state["init_config"]), **dataclasses.asdict(state["monitor"].config)}
+            GradHealth.__init__(self, **settings)
+            self.init_applied, self.init_seed = bool(state.get("init_applied", False)), state.get("init_seed")
+            return
         GradHealth.__init__(self, **state["settings"])
         self.load_state_dict(state["state"])
 
@@ -522,6 +538,7 @@ class GradHealth(CallbackBase):
         fit's report, norms and init rows. Copies share the once-only messages (the init
         table, the full report, the no-TensorBoard notice), so a retrain loop prints them once."""
         copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
         copied.__setstate__(self.__getstate__())
         object.__setattr__(copied, "_origin", self._origin or weakref.ref(self))
         object.__setattr__(copied, "_family", self._family)

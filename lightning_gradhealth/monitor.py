@@ -325,9 +325,10 @@ class GradHealthMonitor:
     def end_of_fit(self, step: int) -> StepOutput:
         """What to log at the step the fit ends (after :meth:`finish`): the final spectra's
         scalars and histograms; with the eigenvalue pictures and the latest probe's curve and
-        heatmap when the run reached a full pass after step 0 (``step >= full_every_n_steps``),
+        heatmap when the run took a full pass after step 0 (``step > full_every_n_steps``: ``step``
+        counts the steps taken, the last of which is ``step - 1``),
         so that a short fit, or each refit of a retrain loop, is not slowed by drawing."""
-        pictures = step >= self.schedule.full_every_n_steps
+        pictures = step > self.schedule.full_every_n_steps
         output = StepOutput()
         self._guarded("spectra", output, lambda: self.spectrum_tracker.end_of_fit(self.recurrent_weights, step, pictures))
         if pictures and self.timestep_tracker.grad_norms:

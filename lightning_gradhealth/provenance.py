@@ -92,7 +92,7 @@ def uniform_bounds(record: WeightRecord, uniform_scale: Optional[float] = None) 
     """
     tensor = record.tensor
     if record.cell_type == "linear":  # nn.Linear draws weight and bias from U(-1/sqrt(in_features), ...)
-        default = 1.0 / math.sqrt(record.fans.fan_in)
+        default = 1.0 / math.sqrt(max(record.fans.fan_in, 1))
     else:  # a recurrent module draws every parameter from U(-1/sqrt(hidden_size), ...)
         default = 1.0 / math.sqrt(tensor.shape[1] if record.projection else tensor.shape[0] // len(record.gates))
     bounds = {"PyTorch's default": default}
@@ -112,12 +112,21 @@ def uniform_bounds(record: WeightRecord, uniform_scale: Optional[float] = None) 
     return bounds
 
 
+def _sample(values: Tensor, generator: torch.Generator) -> Tensor:
+    """``values``, or :data:`_KS_SAMPLE` of them drawn at random when there are more (the
+    uniformity test needs no more)."""
+    if values.numel() <= _KS_SAMPLE:
+        return values
+    return values[torch.randint(values.numel(), (_KS_SAMPLE,), generator=generator).to(values.device)]
+
+
 def _is_uniform_draw(largest: float, count: int, sample: Tensor, bound: float, eps: float) -> bool:
     """Whether ``count`` values whose largest magnitude is ``largest`` could be a fresh draw of
     ``U(-bound, bound)``: none beyond the bound (up to rounding); the largest within
     ``bound * EDGE / count`` of it, as all but ``exp(-EDGE)`` of fresh draws are; and a
     Kolmogorov-Smirnov distance of ``sample`` (float64, flat) below the critical one."""
-    if bound <= 0 or largest > bound * (1 + 4 * eps) + 1e-12 or largest < bound * (1 - EDGE / count):
+    # the draw is rounded to the tensor's dtype: up to one unit of the last place either side of the bound
+    if bound <= 0 or largest > bound * (1 + 2 * eps) + 1e-12 or largest < bound * (1 - EDGE / count - 2 * eps):
         return False
     quantiles = ((sample / bound + 1) / 2).sort().values
     n = quantiles.numel()
@@ -126,16 +135,17 @@ def _is_uniform_draw(largest: float, count: int, sample: Tensor, bound: float, e
     return distance <= KS_CRITICAL / math.sqrt(n)
 
 
-def _is_orthogonal_up_to_scale(block: Tensor, generator: torch.Generator) -> bool:
+def _is_orthogonal_up_to_scale(block: Tensor, generator: torch.Generator, eps: float) -> bool:
     """Whether ``block`` scales every vector by the same factor (orthonormal columns, or rows
-    when it is wide), to :data:`ORTHOGONAL_RTOL`; random probes, no decomposition."""
+    when it is wide), to :data:`ORTHOGONAL_RTOL`, or 64 units of the last place of the dtype
+    it was stored in (``eps``); random probes, no decomposition."""
     matrix = block if block.shape[0] >= block.shape[1] else block.T
     if matrix.shape[1] < 2:  # one column scales every (1-D) vector alike: no evidence either way
         return False
     probes = torch.randn(matrix.shape[1], _PROBES, generator=generator, dtype=torch.float64).to(matrix.device)
     ratios = torch.linalg.vector_norm(matrix @ probes, dim=0) / torch.linalg.vector_norm(probes, dim=0)
     largest = ratios.max().item()
-    return largest > 0 and (largest - ratios.min().item()) <= ORTHOGONAL_RTOL * largest
+    return largest > 0 and (largest - ratios.min().item()) <= max(ORTHOGONAL_RTOL, 64 * eps) * largest
 
 
 def _enough_beyond(values: Tensor, default: float, bound: float) -> bool:
@@ -157,34 +167,42 @@ def fresh_pattern(record: WeightRecord, uniform_scale: Optional[float] = None) -
         ``(None, "... entries beyond PyTorch's default bound ...")``.
     """
     tensor = record.tensor.detach()
+    if tensor.is_meta or tensor.dim() == 0 or not tensor.is_floating_point():
+        return None, "no values to judge (a meta, 0-d or integer tensor)"
     values = tensor.flatten().double()
-    if values.numel() == 0 or not torch.isfinite(values).all():
-        return (None, "non-finite values") if values.numel() else ("empty", "")
+    if values.numel() == 0:
+        return "empty", ""
+    if not torch.isfinite(values).all():
+        return None, "non-finite values"
     blocks = values.view(len(record.gates), -1) if tensor.shape[0] % len(record.gates) == 0 else values.view(1, -1)
-    if bool((blocks == blocks[:, :1]).all()):
+    if blocks.shape[1] >= 2 and bool((blocks == blocks[:, :1]).all()):  # one entry per block is constant by itself
         return "constant gate blocks", ""
     if record.role == "bias" and len(record.gates) == 4 and torch.equal(blocks[0], -blocks[1]):
         return "chrono bias (b_i = -b_f)", ""
     generator = torch.Generator().manual_seed(0)
     if tensor.dim() == 2:
         gates = len(record.gates) if tensor.shape[0] % len(record.gates) == 0 else 1
-        matrix = tensor.double()
-        if all(_is_orthogonal_up_to_scale(block, generator) for block in matrix.chunk(gates, dim=0)):
+        matrix = values.view(tensor.shape)
+        stored_eps = torch.finfo(tensor.dtype).eps
+        if all(_is_orthogonal_up_to_scale(block, generator, stored_eps) for block in matrix.chunk(gates, dim=0)):
             return "orthogonal gate blocks (up to scale)", ""
-        if _is_orthogonal_up_to_scale(matrix, generator):
+        if _is_orthogonal_up_to_scale(matrix, generator, stored_eps):
             return "orthogonal (up to scale)", ""
-    sample = values
-    if values.numel() > _KS_SAMPLE:
-        sample = values[torch.randperm(values.numel(), generator=generator)[:_KS_SAMPLE].to(values.device)]
-    eps = torch.finfo(tensor.dtype).eps if tensor.dtype.is_floating_point else 0.0
+    sample = _sample(values, generator)
+    eps = torch.finfo(tensor.dtype).eps
     bounds = uniform_bounds(record, uniform_scale)
     largest = values.abs().max().item()
     default = bounds["PyTorch's default"]
+    # a custom matrix has no construction init to expect, and few entries cannot tell a uniform draw from others
+    if record.cell_type == "custom" and values.numel() < OTHER_BOUND_MIN_ENTRIES:
+        bounds = {}
     for name, bound in bounds.items():
         if _is_uniform_draw(largest, values.numel(), sample, bound, eps) and _enough_beyond(values, default, bound):
             return f"uniform draw, {name} bound {bound:.3g}", ""  # PyTorch's default first: see _DEFAULT_DRAW
-    beyond = int((values.abs() > default * (1 + 4 * eps)).sum())
-    if beyond:
+    beyond = int((values.abs() > default * (1 + 2 * eps)).sum())
+    if not bounds:
+        evidence = f"a custom matrix of {values.numel()} entries: too few to recognise a uniform draw"
+    elif beyond:
         evidence = f"{beyond} entries beyond PyTorch's default bound {default:.3g} (max |w| {largest:.3g})"
     else:
         evidence = f"within PyTorch's default bound {default:.3g} but not a uniform draw of it"
@@ -260,9 +278,7 @@ def _pooled_default_evidence(records: Sequence[WeightRecord]) -> str:
     values = torch.cat([record.tensor.detach().flatten().double() for record in records])
     bound = uniform_bounds(records[0])["PyTorch's default"]
     eps = max(torch.finfo(record.tensor.dtype).eps for record in records)
-    sample = values
-    if values.numel() > _KS_SAMPLE:
-        sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:_KS_SAMPLE].to(values.device)]
+    sample = _sample(values, torch.Generator().manual_seed(0))
     largest = values.abs().max().item()
     if _is_uniform_draw(largest, values.numel(), sample, bound, eps):
         return ""

@@ -4,6 +4,7 @@ pickles of the callback, copies of it, and resumed runs into a new log directory
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 import pickletools
@@ -252,3 +253,64 @@ def test_a_run_resumed_into_a_new_log_directory_gets_the_config_and_the_layout(t
     assert config.step == 3  # written where the resumed run starts
     [layout] = events.Tensors("custom_scalars__config__")
     assert b"gradhealth rnn.l0" in layout.tensor_proto.string_val[0] and b"transmission" in layout.tensor_proto.string_val[0]
+
+
+# -- the edges found in review -----------------------------------------------------------------
+
+
+class RootCell(pytorch_lightning.LightningModule):
+    """A custom recurrent matrix on the root module itself, built with ``randn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_hh = nn.Parameter(0.1 * torch.randn(8, 8))
+        self.W_xh = nn.Parameter(0.1 * torch.randn(8, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = x.new_zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] @ self.W_xh.T + h @ self.W_hh.T)
+        return nn.functional.mse_loss(h.sum(1, keepdim=True), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return PLSequenceModel().train_dataloader()
+
+
+def test_a_kept_custom_matrix_on_the_root_module_does_not_stop_the_fit():
+    torch.manual_seed(0)
+    model = RootCell()
+    before = model.W_hh.detach().clone()
+    recorder = _fit_with(GradHealth(init="orthogonal", custom={"W_hh": 1}), model)
+    assert torch.equal(recorder.weights["W_hh"], before)
+    assert any("init keeps the weights of '' (W_hh: " in message for message in recorder.warnings)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_fresh_layers_are_fresh(dtype):
+    """Rounding the draw to the dtype moves its largest entry by up to one unit of the last place."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert trained_modules(nn.LSTM(8, 512).to(dtype)) == {}
+        assert trained_modules(nn.GRU(8, 64).to(dtype)) == {}
+
+
+def test_tensors_without_values_to_judge_are_kept_without_failing():
+    records = [
+        r._replace(tensor=tensor) if hasattr(r, "_replace") else dataclasses.replace(r, tensor=tensor)
+        for r, tensor in zip(
+            find_recurrent_weights(nn.RNN(2, 4))[:3],
+            (torch.empty(16, 2, device="meta"), torch.tensor(1.0), torch.ones(4, 4, dtype=torch.int64)),
+        )
+    ]
+    for record in records:
+        assert fresh_pattern(record)[0] is None
+
+
+def test_a_deep_copy_keeps_one_copy_per_callback():
+    health = GradHealth()
+    first, second = copy.deepcopy([health, health])
+    assert first is second and first is not health
