@@ -28,6 +28,14 @@ class RecordBatches(pytorch_lightning.Callback):
         self.seen.append((batch, copy.deepcopy(pl_module)))
 
 
+def _assert_measures_the_reference(health: GradHealth, seen: tuple) -> None:
+    """The probe's norms equal the unrolled reference's, to 1e-5, for a batch and the model as
+    :class:`RecordBatches` saw them before that step."""
+    batch, model_before = seen
+    for key, values in _reference_for(model_before, batch).items():
+        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+
+
 def _reference_for(model: PLSequenceModel, batch, loss_divisor: float = 1.0) -> dict[str, torch.Tensor]:
     """Norms of dL/dh_t from the unrolled reference for the test model's loss on ``batch``."""
     x, y = batch
@@ -159,9 +167,7 @@ def test_manual_optimization_is_measured_inside_optimizer_step():
     model = PLManualSequenceModel(build=_stacked_lstm, output_width=8)
     pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=3)).fit(model)
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == [0, 2]
-    batch, model_before = recorder.seen[2]
-    for key, values in _reference_for(model_before, batch).items():
-        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+    _assert_measures_the_reference(health, recorder.seen[2])
 
 
 def test_timesteps_false_attaches_nothing():
@@ -205,9 +211,7 @@ def test_a_repeated_call_whose_output_is_discarded_is_not_the_one_measured():
 
     model, recorder, health = DiscardFirst(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth(log_every_n_steps=1)
     pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=1)).fit(model)
-    batch, model_before = recorder.seen[0]
-    for key, values in _reference_for(model_before, batch).items():
-        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+    _assert_measures_the_reference(health, recorder.seen[0])
 
 
 def test_a_skipped_batch_on_a_sampled_step_does_not_leave_stale_captures():
@@ -221,9 +225,7 @@ def test_a_skipped_batch_on_a_sampled_step_does_not_leave_stale_captures():
     health = GradHealth(log_every_n_steps=1)
     pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=2)).fit(model)
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == [1]  # batch 0 had no backward pass
-    batch, model_before = recorder.seen[1]
-    for key, values in _reference_for(model_before, batch).items():
-        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+    _assert_measures_the_reference(health, recorder.seen[1])
 
 
 def test_input_passed_by_keyword_and_a_layer_subclass_are_measured():
@@ -269,9 +271,7 @@ def test_a_subclass_with_its_own_forward_is_measured_on_its_kernel_call():
         warnings.simplefilter("always")
         pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=1)).fit(model)
     assert not [str(w.message) for w in caught if "dL/dh_t of 'rnn'" in str(w.message)]
-    batch, model_before = recorder.seen[0]
-    for key, values in _reference_for(model_before, batch).items():
-        torch.testing.assert_close(health.timestep_grad_norms[key], values, rtol=1e-5, atol=0, msg=key)
+    _assert_measures_the_reference(health, recorder.seen[0])
 
 
 def test_a_layer_the_probe_cannot_read_is_left_out_with_one_notice_and_training_goes_on():
