@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> float:
             optimizer.zero_grad()
             if step + 1 >= args.steps:
                 break
-        print(monitor.finish(step).format())
+        print(monitor.finish(step + 1).format())
+        write_step_output(writer, monitor.end_of_fit(step + 1), step + 1)  # the final spectra
     finally:
         monitor.detach()
         writer.close()
