@@ -31,8 +31,9 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence
 
@@ -41,24 +42,38 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lightning_gradhealth.defaults import SATURATED_TANH
+from lightning_gradhealth.defaults import REPLAY_TOLERANCE, SATURATED_TANH
 from lightning_gradhealth.layers import cell_type_of
 
 __all__ = [
     "BACKWARD_BY_CELL_TYPE",
+    "KERNEL_BACKWARD_BY_CELL_TYPE",
+    "REPLAYS",
     "CellWeights",
+    "Replay",
     "TimestepGrads",
     "backward_through_time",
     "fused_timestep_grads",
-    "kernel_weights",
     "gru_backward",
+    "gru_backward_kernel",
+    "kernel_gate_grads",
+    "kernel_weights",
     "lstm_backward",
+    "lstm_backward_kernel",
     "reverse_padded",
     "rnn_backward",
+    "rnn_backward_kernel",
     "saturated_fraction",
     "state_residual",
     "timestep_norms",
 ]
+
+
+Replay = Literal["recursion", "kernel"]
+REPLAYS: tuple[Replay, ...] = ("recursion", "kernel")
+"""The two exact ways of computing the gradients through time of a fused layer: a backward
+recursion by hand (:data:`BACKWARD_BY_CELL_TYPE`) or the layer's own kernel
+(:data:`KERNEL_BACKWARD_BY_CELL_TYPE`)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,8 @@ class TimestepGrads:
         residual: 0-d tensor, how far the states recomputed from the inputs and the given
             previous states are from the given states (:func:`state_residual`): the replay's
             check of itself.
+        replay: which replay computed them: ``"recursion"`` (:data:`BACKWARD_BY_CELL_TYPE`) or
+            ``"kernel"`` (:data:`KERNEL_BACKWARD_BY_CELL_TYPE`).
     """
 
     state: Tensor
@@ -106,6 +123,7 @@ class TimestepGrads:
     input: Tensor
     saturation: Optional[Tensor] = None
     residual: Optional[Tensor] = None
+    replay: str = "recursion"
 
 
 def saturated_fraction(candidates: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
@@ -473,6 +491,286 @@ each takes ``(weights, inputs, states, initial_state, output_grads, final_state_
 and the LSTM's also ``initial_cell=`` and ``final_cell_grad=``."""
 
 
+_LAYER_BY_CELL_TYPE: dict[str, tuple[type[nn.RNNBase], dict[str, Any]]] = {
+    "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+    "gru": (nn.GRU, {}),
+    "lstm": (nn.LSTM, {}),
+}
+
+
+def _exact_cudnn() -> contextlib.AbstractContextManager[Any]:
+    """cuDNN without TF32 inside the replay, so a float32 replay computes in float32 (the identity
+    block must pass the gates' input part on unrounded); its other settings stay as they are."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+
+
+def kernel_gate_grads(
+    cell_type: str,
+    weights: CellWeights,
+    input_part: Tensor,
+    initial_state: Tensor,
+    direct_grads: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    initial_cell: Optional[Tensor] = None,
+    final_cell_grad: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The gradient on every gate's pre-activation at every step, from one run of the layer's own
+    fused kernel forward and backward.
+
+    The layer is run again on :math:`u_t = W_{ih} x_t + b_{ih}` with an identity input matrix and no
+    input bias, its own :math:`W_{hh}`, :math:`b_{hh}` (and :math:`W_{hr}`): it computes the same
+    states, and since :math:`u_t` enters every gate's pre-activation :math:`a_t` with coefficient 1,
+    the kernel's gradient on its input is :math:`\partial L/\partial a_t` for every t and gate
+    (for a GRU's candidate, the pre-activation of the tanh, which :math:`u_t` enters outside the
+    reset gate). One backward pass through the kernel gives all T steps, with no loop over T in
+    Python; what it costs is the identity block, a ``(G H) x (G H)`` input projection.
+
+    Args:
+        cell_type: as in :func:`backward_through_time`.
+        weights: this layer/direction's weights (``w_ih`` is not read: ``input_part`` holds it).
+        input_part: ``(T, B, G * H)`` :math:`W_{ih} x_t + b_{ih}`.
+        initial_state: ``(B, H_out)`` h_{-1}.
+        direct_grads: ``(T, B, H_out)`` the direct gradient on each h_t, the gradient on each
+            sequence's final state included at its last step.
+        lengths: ``(B,)`` valid steps per sequence, or ``None``.
+        initial_cell: ``(B, H)`` an LSTM's c_{-1}.
+        final_cell_grad: ``(B, H)`` the gradient on an LSTM's final cell state, if any.
+
+    Returns:
+        ``(gate_grads, states)``: ``(T, B, G * H)`` :math:`\partial L/\partial a_t`, and the
+        ``(T, B, H_out)`` states the kernel computed, free-running from ``initial_state`` (zero
+        past each sequence's length).
+
+    Examples:
+        >>> rnn = nn.RNN(3, 4)
+        >>> x, h0 = torch.randn(6, 2, 3), torch.zeros(2, 4)
+        >>> states, _ = rnn(x)
+        >>> weights = CellWeights(rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0).to(torch.float32)
+        >>> direct = torch.ones_like(states)
+        >>> gate_grads, replayed = kernel_gate_grads("rnn_tanh", weights, _affine(x, weights.w_ih, weights.b_ih), h0, direct)
+        >>> torch.allclose(replayed, states.detach(), atol=1e-6), tuple(gate_grads.shape)
+        (True, (6, 2, 4))
+    """
+    layer_class, options = _LAYER_BY_CELL_TYPE[cell_type]
+    width = input_part.shape[-1]
+    if weights.w_hr is not None:
+        options = {**options, "proj_size": weights.w_hr.shape[0]}
+    hidden = width // {"lstm": 4, "gru": 3}.get(cell_type, 1)
+    layer = layer_class(width, hidden, bias=weights.b_hh is not None, device="meta", **options)
+    identity = torch.eye(width, dtype=input_part.dtype, device=input_part.device)
+    parameters = {"weight_ih_l0": identity, "weight_hh_l0": weights.w_hh}
+    if weights.b_hh is not None:
+        parameters |= {"bias_ih_l0": torch.zeros_like(weights.b_hh), "bias_hh_l0": weights.b_hh}
+    if weights.w_hr is not None:
+        parameters["weight_hr_l0"] = weights.w_hr
+    with torch.enable_grad(), _exact_cudnn():
+        gate_inputs = input_part.detach().requires_grad_()
+        sequence: Any = gate_inputs if lengths is None else pack_padded_sequence(gate_inputs, lengths.cpu(), enforce_sorted=False)
+        hx = initial_state[None] if initial_cell is None else (initial_state[None], initial_cell[None])
+        output, finals = functional_call(layer, parameters, (sequence, hx))
+        if lengths is not None:
+            output = pad_packed_sequence(output, total_length=input_part.shape[0])[0]
+        outputs, output_grads = [output], [direct_grads]
+        if final_cell_grad is not None:
+            outputs.append(finals[1][0])
+            output_grads.append(final_cell_grad)
+        (gate_grads,) = torch.autograd.grad(outputs, gate_inputs, output_grads)
+    return gate_grads, output.detach()
+
+
+def _through_next_step(gate_grads: Tensor, weight: Tensor) -> Tensor:
+    r"""``(T, B, H_out)``: :math:`W^\top g_{t+1}` at every step t, zero at the last: what the
+    gates of step t + 1 send back to h_t through ``weight``, for all steps in one product."""
+    sent = torch.zeros(*gate_grads.shape[:-1], weight.shape[1], dtype=gate_grads.dtype, device=gate_grads.device)
+    sent[:-1] = _affine(gate_grads[1:], weight.T, None)
+    return sent
+
+
+@torch.no_grad()
+def rnn_backward_kernel(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    *,
+    nonlinearity: Literal["tanh", "relu"] = "tanh",
+) -> TimestepGrads:
+    r""":func:`rnn_backward` through the layer's own kernel: with
+    :math:`\partial L/\partial a_t` for every t from :func:`kernel_gate_grads`,
+    :math:`\partial L/\partial h_t = \delta_t + W_{hh}^\top \partial L/\partial a_{t+1}` is one
+    batched product, with no loop over T.
+
+    The arguments and the result are those of :func:`rnn_backward`; the result's ``residual``
+    compares the kernel's free-running states with ``states``.
+
+    Examples:
+        >>> rnn = nn.RNN(3, 4)
+        >>> x = torch.randn(6, 2, 3)
+        >>> states = rnn(x)[0].detach()
+        >>> weights = CellWeights(rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0).to(torch.float32)
+        >>> direct = torch.randn_like(states)
+        >>> by_kernel = rnn_backward_kernel(weights, x, states, torch.zeros(2, 4), direct)
+        >>> by_recursion = rnn_backward(weights, x, states, torch.zeros(2, 4), direct)
+        >>> torch.allclose(by_kernel.state, by_recursion.state, atol=1e-6)
+        True
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected 'tanh' or 'relu'")
+    final_state_part = _at_last_steps(final_state_grad, inputs.shape[0], lengths)
+    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
+    input_part = _affine(inputs, weights.w_ih, weights.b_ih)
+    gate_grads, replayed = kernel_gate_grads(f"rnn_{nonlinearity}", weights, input_part, initial_state, direct_grads, lengths)
+    state_grads = _through_next_step(gate_grads, weights.w_hh).add_(direct_grads)
+    saturation = saturated_fraction(states, lengths) if nonlinearity == "tanh" else None
+    residual = state_residual(replayed, states, lengths)
+    return TimestepGrads(state_grads, None, _affine(gate_grads, weights.w_ih.T, None), saturation, residual)
+
+
+@torch.no_grad()
+def gru_backward_kernel(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r""":func:`gru_backward` through the layer's own kernel: with the gate gradients of every step
+    from :func:`kernel_gate_grads`, the recursion of :func:`gru_backward` becomes
+
+    .. math::
+        \frac{\partial L}{\partial h_t} = s_t + z_{t+1} \odot \frac{\partial L}{\partial h_{t+1}},
+        \qquad
+        s_t = \delta_t + W_{hh}^\top \Big[\frac{\partial L}{\partial a^r_{t+1}};\;
+              \frac{\partial L}{\partial a^z_{t+1}};\;
+              r_{t+1} \odot \frac{\partial L}{\partial a^n_{t+1}}\Big],
+
+    where every :math:`s_t` comes from one batched product (the gates recomputed from the captured
+    states): what is left of the loop over T is one element-wise multiply-add per step.
+
+    The arguments and the result are those of :func:`gru_backward`; the result's ``residual``
+    compares the kernel's free-running states with ``states``.
+
+    Examples:
+        >>> gru = nn.GRU(3, 4)
+        >>> x = torch.randn(6, 2, 3)
+        >>> states = gru(x)[0].detach()
+        >>> weights = CellWeights(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0).to(torch.float32)
+        >>> direct = torch.randn_like(states)
+        >>> by_kernel = gru_backward_kernel(weights, x, states, torch.zeros(2, 4), direct)
+        >>> torch.allclose(by_kernel.state, gru_backward(weights, x, states, torch.zeros(2, 4), direct).state, atol=1e-6)
+        True
+    """
+    direct_grads, previous, input_part, recurrent_part = _prepare(
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
+    )
+    gate_grads, replayed = kernel_gate_grads("gru", weights, input_part, initial_state, direct_grads, lengths)
+    input_r, input_z, input_n = input_part.chunk(3, dim=-1)
+    hidden_r, hidden_z, hidden_n = recurrent_part.chunk(3, dim=-1)
+    reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+    recurrent_grads = gate_grads.clone()
+    recurrent_grads[..., 2 * reset.shape[-1] :].mul_(reset)
+    sent = _through_next_step(recurrent_grads, weights.w_hh).add_(direct_grads)
+    state_grads = torch.empty_like(states)
+    state_grads[-1] = sent[-1]
+    for t in reversed(range(inputs.shape[0] - 1)):
+        torch.addcmul(sent[t], update[t + 1], state_grads[t + 1], out=state_grads[t])
+    saturation = saturated_fraction(torch.tanh(input_n + reset * hidden_n), lengths)
+    residual = state_residual(replayed, states, lengths)
+    return TimestepGrads(state_grads, None, _affine(gate_grads, weights.w_ih.T, None), saturation, residual)
+
+
+@torch.no_grad()
+def lstm_backward_kernel(
+    weights: CellWeights,
+    inputs: Tensor,
+    states: Tensor,
+    initial_state: Tensor,
+    output_grads: Tensor,
+    final_state_grad: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    *,
+    initial_cell: Tensor,
+    final_cell_grad: Optional[Tensor] = None,
+) -> TimestepGrads:
+    r""":func:`lstm_backward` through the layer's own kernel: with
+    :math:`\partial L/\partial a_t` of every gate and step from :func:`kernel_gate_grads`,
+    :math:`\partial L/\partial h_t = \delta_t + W_{hh}^\top \partial L/\partial a_{t+1}` is one
+    batched product. The cell state's gradient is left to an element-wise recursion, one
+    multiply-add per step:
+
+    .. math::
+        \frac{\partial L}{\partial c_t} = \frac{\partial L}{\partial \tilde h_t} \odot o_t \odot (1 - \tanh^2 c_t)
+            + f_{t+1} \odot \frac{\partial L}{\partial c_{t+1}},
+
+    with the gates recomputed from the captured states in one product and the cells by
+    :math:`c_t = f_t \odot c_{t-1} + i_t \odot g_t`, one multiply-add per step.
+
+    The arguments and the result are those of :func:`lstm_backward`; the result's ``residual``
+    compares the kernel's free-running states with ``states``.
+
+    Examples:
+        >>> lstm = nn.LSTM(3, 4)
+        >>> x, zeros = torch.randn(6, 2, 3), torch.zeros(2, 4)
+        >>> states = lstm(x)[0].detach()
+        >>> weights = CellWeights(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0).to(torch.float32)
+        >>> direct = torch.randn_like(states)
+        >>> by_kernel = lstm_backward_kernel(weights, x, states, zeros, direct, initial_cell=zeros)
+        >>> by_recursion = lstm_backward(weights, x, states, zeros, direct, initial_cell=zeros)
+        >>> torch.allclose(by_kernel.cell, by_recursion.cell, atol=1e-6)
+        True
+    """
+    direct_grads, _, input_part, recurrent_part = _prepare(
+        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
+    )
+    steps = inputs.shape[0]
+    gate_grads, replayed = kernel_gate_grads(
+        "lstm", weights, input_part, initial_state, direct_grads, lengths, initial_cell=initial_cell,
+        final_cell_grad=final_cell_grad,
+    )
+    state_grads = _through_next_step(gate_grads, weights.w_hh).add_(direct_grads)
+    grad_unprojected = state_grads if weights.w_hr is None else _affine(state_grads, weights.w_hr.T, None)
+    gates = input_part.add_(recurrent_part).view(*input_part.shape[:-1], 4, -1)
+    gate_input, gate_forget, gate_cell, gate_output = (gate.contiguous() for gate in gates.unbind(dim=-2))
+    gate_input.sigmoid_(), gate_forget.sigmoid_(), gate_cell.tanh_(), gate_output.sigmoid_()
+    cells = torch.empty_like(gate_cell)
+    cell_inputs = gate_input * gate_cell
+    cell = initial_cell
+    for t in range(steps):
+        cell = torch.addcmul(cell_inputs[t], gate_forget[t], cell, out=cells[t])
+    tanh_cells = cells.tanh()
+    # dL/dc_t = local_t + f_{t+1} dL/dc_{t+1}, local_t = dL/dh~_t o_t (1 - tanh^2 c_t) plus the
+    # final cell's gradient at each sequence's last step
+    local = torch.addcmul(gate_output, gate_output, tanh_cells * tanh_cells, value=-1).mul_(grad_unprojected)
+    final_cell_part = _at_last_steps(final_cell_grad, steps, lengths)
+    if final_cell_part is not None:
+        local.add_(final_cell_part)
+    cell_grads = torch.empty_like(cells)
+    cell_grads[-1] = local[-1]
+    for t in reversed(range(steps - 1)):
+        torch.addcmul(local[t], gate_forget[t + 1], cell_grads[t + 1], out=cell_grads[t])
+    saturation = saturated_fraction(gate_cell, lengths)
+    residual = state_residual(replayed, states, lengths)
+    return TimestepGrads(state_grads, cell_grads, _affine(gate_grads, weights.w_ih.T, None), saturation, residual)
+
+
+KERNEL_BACKWARD_BY_CELL_TYPE: dict[str, Callable[..., TimestepGrads]] = {
+    "rnn_tanh": partial(rnn_backward_kernel, nonlinearity="tanh"),
+    "rnn_relu": partial(rnn_backward_kernel, nonlinearity="relu"),
+    "gru": gru_backward_kernel,
+    "lstm": lstm_backward_kernel,
+}
+"""The same per-timestep gradients as :data:`BACKWARD_BY_CELL_TYPE`, through the layer's own
+fused kernel (:func:`kernel_gate_grads`), with the same arguments."""
+
+
 def backward_through_time(
     cell_type: str,
     weights: CellWeights,
@@ -484,13 +782,19 @@ def backward_through_time(
     initial_cell: Optional[Tensor] = None,
     final_cell_grad: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    *,
+    replay: Replay = "recursion",
 ) -> TimestepGrads:
     r"""Exact total derivatives dL/dh_t (and dL/dc_t) of one recurrent layer, one direction.
 
-    Recomputes the gates from the inputs and the layer's own output states in one batched
-    product, then runs the cell's backward recursion from the last step to the first: the
-    function of :data:`BACKWARD_BY_CELL_TYPE` for ``cell_type`` (:func:`rnn_backward`,
+    ``replay="recursion"`` recomputes the gates from the inputs and the layer's own output states
+    in one batched product, then runs the cell's backward recursion from the last step to the
+    first: the function of :data:`BACKWARD_BY_CELL_TYPE` for ``cell_type`` (:func:`rnn_backward`,
     :func:`gru_backward`, :func:`lstm_backward`, whose docstrings give the equations).
+    ``replay="kernel"`` takes every gate's gradient from one forward and backward pass of the
+    layer's own kernel instead (:data:`KERNEL_BACKWARD_BY_CELL_TYPE`): no matrix product per
+    step, for one wider input projection. Both are exact; which is faster depends on the device,
+    the cell, T and H (``benchmarks/replay.py``).
 
     Args:
         cell_type: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``.
@@ -504,21 +808,25 @@ def backward_through_time(
         final_cell_grad: ``(B, H)`` gradient on c_n, LSTM only.
         lengths: ``(B,)`` valid steps per sequence for packed input; steps past a sequence's
             length get zero gradient, and its h_n gradient enters at its own last step.
+        replay: ``"recursion"`` or ``"kernel"``.
 
     Returns:
         :class:`TimestepGrads`, in the same time order as ``inputs``.
 
     Raises:
-        ValueError: an unknown ``cell_type``.
+        ValueError: an unknown ``cell_type`` or ``replay``.
         TypeError: an LSTM without ``initial_cell``, or cell-state arguments for another cell type.
     """
-    backward = BACKWARD_BY_CELL_TYPE.get(cell_type)
+    if replay not in REPLAYS:
+        raise ValueError(f"unknown replay {replay!r}; expected one of {', '.join(map(repr, REPLAYS))}")
+    backward = (BACKWARD_BY_CELL_TYPE if replay == "recursion" else KERNEL_BACKWARD_BY_CELL_TYPE).get(cell_type)
     if backward is None:
         raise ValueError(f"unknown cell type {cell_type!r}; expected one of {', '.join(map(repr, BACKWARD_BY_CELL_TYPE))}")
     cell_state = {
         name: value for name, value in (("initial_cell", initial_cell), ("final_cell_grad", final_cell_grad)) if value is not None
     }
-    return backward(weights, inputs, states, initial_state, output_grads, final_state_grad, lengths, **cell_state)
+    grads = backward(weights, inputs, states, initial_state, output_grads, final_state_grad, lengths, **cell_state)
+    return replace(grads, replay=replay)
 
 
 def _layer_parameters(weights: Mapping[str, Tensor], layer: int, bidirectional: bool) -> dict[str, Tensor]:
@@ -588,6 +896,8 @@ def fused_timestep_grads(
     weights: Optional[Mapping[str, Tensor]] = None,
     lengths: Optional[Tensor] = None,
     grad_scale: float = 1.0,
+    replay: Replay = "recursion",
+    tolerance: float = REPLAY_TOLERANCE,
 ) -> dict[tuple[int, bool], TimestepGrads]:
     """Exact per-timestep total gradients of every layer and direction of a fused module.
 
@@ -596,6 +906,12 @@ def fused_timestep_grads(
     the top are recomputed with the layer's own kernel unless ``layer_outputs`` gives them.
     Everything runs on the weights' device, in float32 (float64 for float64 weights), under
     ``torch.no_grad()``.
+
+    With ``replay="kernel"`` the kernel runs free from the initial state, so its states can drift
+    from those the layer computed where the dynamics amplify rounding (a chaotic layer, a long
+    sequence): a layer/direction whose kernel replay differs from the captured states by more
+    than ``tolerance`` is computed again by the recursion, which starts every step from the
+    captured state (its result says ``replay="recursion"``).
 
     Args:
         module: the ``nn.RNN``/``nn.LSTM``/``nn.GRU`` whose call is measured.
@@ -616,6 +932,8 @@ def fused_timestep_grads(
             module's own (:func:`kernel_weights`).
         lengths: ``(B,)`` valid steps per sequence (packed input), or ``None``.
         grad_scale: the gradients are divided by it (the AMP loss scale they were taken under).
+        replay: ``"recursion"`` or ``"kernel"`` (:func:`backward_through_time`).
+        tolerance: the relative state difference up to which a kernel replay is kept.
 
     Returns:
         ``{(layer, reverse): TimestepGrads}``: one entry per layer and direction (``reverse``
@@ -675,7 +993,7 @@ def fused_timestep_grads(
             columns = slice(direction * width, (direction + 1) * width)
             row = layer * directions + direction
             order = (lambda t: reverse_padded(t, lengths)) if direction else (lambda t: t)
-            grads = backward_through_time(
+            arguments = (
                 cell_type_of(module),
                 cell_weights,
                 order(layer_inputs[layer]),
@@ -687,12 +1005,16 @@ def fused_timestep_grads(
                 None if final_cells is None else final_cells[row],
                 lengths,
             )
+            grads = backward_through_time(*arguments, replay=replay)
+            if grads.replay == "kernel" and not float(grads.residual) <= tolerance:
+                grads = backward_through_time(*arguments, replay="recursion")
             unflipped = TimestepGrads(
                 order(grads.state),
                 None if grads.cell is None else order(grads.cell),
                 order(grads.input),
                 grads.saturation,
                 grads.residual,
+                grads.replay,
             )
             results[layer, bool(direction)] = unflipped
             below += unflipped.input

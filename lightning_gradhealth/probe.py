@@ -46,8 +46,9 @@ Examples:
 
 from __future__ import annotations
 
-import math
 import fnmatch
+import math
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -59,12 +60,12 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradhealth.bptt import TimestepGrads, fused_timestep_grads, kernel_weights, timestep_norms
+from lightning_gradhealth.bptt import REPLAYS, Replay, TimestepGrads, fused_timestep_grads, kernel_weights, timestep_norms
 from lightning_gradhealth.defaults import MAX_CALLS_MEASURED, replay_tolerance
 from lightning_gradhealth.keys import LayerKey, by_name
-from lightning_gradhealth.layers import fused_layer_keys
+from lightning_gradhealth.layers import cell_type_of, fused_layer_keys
 
-__all__ = ["ProbeResult", "TimestepProbe"]
+__all__ = ["ProbeResult", "ReplayChooser", "TimestepProbe"]
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,11 @@ class FusedCapture:
         """Whether the backward pass reached any of this call's outputs."""
         return any(g is not None for g in (self.output_grad, self.final_state_grad, self.final_cell_grad))
 
-    def timestep_grads(self, module: nn.RNNBase, grad_scale: float = 1.0) -> dict[tuple[int, bool], TimestepGrads]:
+    def timestep_grads(
+        self, module: nn.RNNBase, grad_scale: float = 1.0, replay: Replay = "recursion"
+    ) -> dict[tuple[int, bool], TimestepGrads]:
         """:func:`~lightning_gradhealth.bptt.fused_timestep_grads` of this call of ``module``:
-        ``{(layer, reverse): TimestepGrads}``, gradients divided by ``grad_scale``."""
+        ``{(layer, reverse): TimestepGrads}``, gradients divided by ``grad_scale``, by ``replay``."""
         steps = self.inputs.shape[0]
         return fused_timestep_grads(
             module,
@@ -265,6 +268,8 @@ class FusedCapture:
             weights={**kernel_weights(module), **self.weights},
             lengths=self.lengths,
             grad_scale=grad_scale,
+            replay=replay,
+            tolerance=self.tolerance,
         )
 
 
@@ -510,6 +515,100 @@ class _CellCalls(_Calls[int]):
     has_elements: bool = False
 
 
+ReplayCase = tuple[str, str, int, bool, int, int, int, int]
+"""What decides which replay is faster: the device type, the cell type, layers, bidirectional,
+hidden and projected sizes, and T and B rounded up to powers of two."""
+
+
+def _replay_case(module: nn.RNNBase, capture: FusedCapture) -> ReplayCase:
+    steps, batch = capture.inputs.shape[:2]
+    return (
+        capture.inputs.device.type,
+        cell_type_of(module),
+        module.num_layers,
+        module.bidirectional,
+        module.hidden_size,
+        getattr(module, "proj_size", 0),
+        1 << max(steps - 1, 0).bit_length(),
+        1 << max(batch - 1, 0).bit_length(),
+    )
+
+
+def _wait_for(device: torch.device) -> None:
+    """Wait until ``device`` has run what was queued on it (nothing to wait for on the CPU)."""
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    synchronize = getattr(backend, "synchronize", None)
+    if synchronize is not None:
+        synchronize(device)
+
+
+class ReplayChooser:
+    """Picks, by measurement, the faster of the two exact replays of a fused layer for each kind
+    of call (:data:`ReplayCase`): the backward recursion by hand, or the layer's own kernel
+    (:func:`~lightning_gradhealth.bptt.backward_through_time`).
+
+    Which is faster depends on the device (a GPU runs the recursion as several kernel launches
+    per timestep, and the kernel in a few), on T, H and the cell (``benchmarks/replay.py``), so it
+    is measured where it runs: the first call of a case runs the recursion (and warms it up), the
+    second the kernel, the third the recursion again, both timed (waiting for the device before
+    and after, on these two calls only); from the fourth on, the faster one runs. A kernel replay
+    that fell back to the recursion (its free-running states drifted from the layer's beyond the
+    self-check's tolerance) leaves the case to the recursion.
+
+    Args:
+        replay: ``"auto"`` (measure), or ``"recursion"`` / ``"kernel"`` to always run that one.
+
+    Attributes:
+        chosen: ``{case: replay}`` of the cases decided so far.
+        ran: ``{case: replays}``: the replays that computed each case's layers so far.
+
+    Examples:
+        >>> chooser = ReplayChooser()
+        >>> case = ("cpu", "lstm", 1, False, 256, 0, 128, 64)
+        >>> for seconds in (None, 0.05, 0.02):              # warm-up, then the kernel and the recursion timed
+        ...     replay = chooser.next_replay(case)
+        ...     chooser.record(case, replay, {replay}, seconds)
+        >>> chooser.chosen[case], chooser.next_replay(case)
+        ('recursion', 'recursion')
+    """
+
+    def __init__(self, replay: str = "auto") -> None:
+        if replay not in ("auto", *REPLAYS):
+            raise ValueError(f"unknown replay {replay!r}; expected 'auto', {', '.join(map(repr, REPLAYS))}")
+        self.replay = replay
+        self.chosen: dict[ReplayCase, Replay] = {}
+        self.ran: dict[ReplayCase, set[str]] = {}
+        self._seconds: dict[ReplayCase, list[float]] = {}
+
+    def next_replay(self, case: ReplayCase) -> Replay:
+        """The replay the next call of ``case`` runs."""
+        if self.replay != "auto":
+            return self.replay  # type: ignore[return-value]
+        if case in self.chosen:
+            return self.chosen[case]
+        return "kernel" if len(self._seconds.get(case, ())) == 1 else "recursion"
+
+    def timed(self, case: ReplayCase) -> bool:
+        """Whether the next call of ``case`` is timed (the second and third of an undecided case)."""
+        return self.replay == "auto" and case not in self.chosen and len(self._seconds.get(case, ())) in (1, 2)
+
+    def record(self, case: ReplayCase, replay: Replay, ran: set[str], seconds: Optional[float]) -> None:
+        """Account one call of ``case`` that was to run ``replay``; ``ran``: the replays its
+        layers actually ran; ``seconds``: its time, if it was timed."""
+        self.ran.setdefault(case, set()).update(ran)
+        if self.replay != "auto" or case in self.chosen:
+            return
+        if replay == "kernel" and "recursion" in ran:
+            self.chosen[case] = "recursion"
+            return
+        timings = self._seconds.setdefault(case, [])
+        timings.append(math.nan if seconds is None else seconds)
+        if len(timings) == 3:
+            _, kernel, recursion = timings
+            self.chosen[case] = "kernel" if kernel < recursion else "recursion"
+            del self._seconds[case]
+
+
 class TimestepProbe:
     """Measures ||dL/dh_t|| for every recurrent layer of a model on the steps you arm it for.
 
@@ -529,6 +628,8 @@ class TimestepProbe:
         model: the module tree to watch.
         custom_cells: glob patterns over module names of your own cells: modules called once
             per timestep whose output is ``h_t`` or a tuple ``(h_t, c_t, ...)``.
+        replay: how fused layers are replayed: ``"auto"`` (the faster exact replay, measured
+            per kind of call by :class:`ReplayChooser`), ``"recursion"`` or ``"kernel"``.
 
     Attributes:
         fused: ``{module name: module}`` of the fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` watched.
@@ -541,12 +642,14 @@ class TimestepProbe:
         empty_batches: names of the modules called with an empty batch (B = 0) in some step
             (those calls were skipped; the module's other calls were measured).
         failures: ``{module name: reason}`` of the modules the probe could not measure.
+        replays: the :class:`ReplayChooser`; its ``chosen`` says which replay each kind of call runs.
 
     Raises:
-        ValueError: a ``custom_cells`` pattern matches no module.
+        ValueError: a ``custom_cells`` pattern matches no module, or an unknown ``replay``.
     """
 
-    def __init__(self, model: nn.Module, custom_cells: Sequence[str] = ()) -> None:
+    def __init__(self, model: nn.Module, custom_cells: Sequence[str] = (), replay: str = "auto") -> None:
+        self.replays = ReplayChooser(replay)
         module_names = [name for name, _ in model.named_modules()]
         for pattern in custom_cells:
             if not fnmatch.filter(module_names, pattern):
@@ -835,11 +938,22 @@ class TimestepProbe:
     def _measure_call(self, name: str, capture: FusedCapture, grad_scale: float) -> dict[tuple[int, bool], TimestepGrads]:
         """One call's replay, if it reproduces the states the layer computed; else nothing, and the
         module is named in :attr:`unreproduced` (or in :attr:`failures` if the replay fails)."""
+        module = self.fused[name]
+        case = _replay_case(module, capture)
+        replay, timed = self.replays.next_replay(case), self.replays.timed(case)
+        device = capture.inputs.device
         try:
-            measured = capture.timestep_grads(self.fused[name], grad_scale)
+            if timed:
+                _wait_for(device)
+            start = time.perf_counter()
+            measured = capture.timestep_grads(module, grad_scale, replay)
+            if timed:
+                _wait_for(device)
         except Exception as error:  # a measurement must never stop the user's training
             self._fail(name, error)
             return {}
+        seconds = time.perf_counter() - start if timed else None
+        self.replays.record(case, replay, {grads.replay for grads in measured.values()}, seconds)
         tolerance = capture.tolerance
         residuals = [float(grads.residual) for grads in measured.values() if grads.residual is not None]
         residual = max((value for value in residuals if math.isfinite(value)), default=0.0)  # NaN: see state_residual

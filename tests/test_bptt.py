@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from lightning_gradhealth.bptt import BACKWARD_BY_CELL_TYPE, CellWeights, backward_through_time, reverse_padded
+from lightning_gradhealth.bptt import (
+    BACKWARD_BY_CELL_TYPE,
+    CellWeights,
+    backward_through_time,
+    fused_timestep_grads,
+    reverse_padded,
+)
 from lightning_gradhealth.probe import TimestepProbe
 from reference_rnn import reference_norms, unrolled
 
@@ -35,7 +43,7 @@ def _loss(output, h_n, c_n, through: str, seed: int = 0):
 
 
 def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, packed=False, initial=True,
-           through="both", steps=7, batch=3):
+           through="both", steps=7, batch=3, replay="recursion"):
     torch.manual_seed(0)
     layer = LAYERS[name](num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
     directions = 2 if bidirectional else 1
@@ -53,7 +61,7 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
     layer.zero_grad()
 
     # the real fused call, watched by the probe
-    probe = TimestepProbe(nn.ModuleDict({"enc": layer}))
+    probe = TimestepProbe(nn.ModuleDict({"enc": layer}), replay=replay)
     probe.attach()
     probe.arm()
     call_input = x.transpose(0, 1) if batch_first else x
@@ -70,6 +78,7 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
     _loss(output, h_n, c_n, through).backward()
     norms = probe.compute().norms_by_name
     probe.detach()
+    assert set().union(*probe.replays.ran.values()) == {replay}
 
     expected_keys = {f"enc.l{layer}" + s for layer in range(num_layers) for s in (["", "_reverse"] if bidirectional else [""])}
     if c0 is not None:
@@ -83,30 +92,43 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
     return norms
 
 
+REPLAYS = ["recursion", "kernel"]
+
+
+@pytest.mark.parametrize("replay", REPLAYS)
 @pytest.mark.parametrize("through", ["output", "final", "both"])
 @pytest.mark.parametrize("name", LAYERS)
-def test_two_layer_bidirectional_matches_the_unrolled_reference(name, through):
-    _check(name, through=through)
+def test_two_layer_bidirectional_matches_the_unrolled_reference(name, through, replay):
+    _check(name, through=through, replay=replay)
 
 
+@pytest.mark.parametrize("replay", REPLAYS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_packed_sequences_with_varying_lengths_use_each_sequences_own_steps(name):
-    norms = _check(name, packed=True)
+def test_packed_sequences_with_varying_lengths_use_each_sequences_own_steps(name, replay):
+    norms = _check(name, packed=True, replay=replay)
     assert norms["enc.l0"][-1] > 0  # the longest sequence reaches the last step
 
 
+@pytest.mark.parametrize("replay", REPLAYS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_batch_first_without_initial_states(name):
-    _check(name, batch_first=True, initial=False, through="output")
+def test_batch_first_without_initial_states(name, replay):
+    _check(name, batch_first=True, initial=False, through="output", replay=replay)
 
 
+@pytest.mark.parametrize("replay", REPLAYS)
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_single_layer_unidirectional_with_packed_batch_first_input(name):
-    _check(name, num_layers=1, bidirectional=False, batch_first=True, packed=True)
+def test_single_layer_unidirectional_with_packed_batch_first_input(name, replay):
+    _check(name, num_layers=1, bidirectional=False, batch_first=True, packed=True, replay=replay)
 
 
-def test_three_layers_deep():
-    _check("lstm_proj", num_layers=3)
+@pytest.mark.parametrize("replay", REPLAYS)
+def test_three_layers_deep(replay):
+    _check("lstm_proj", num_layers=3, replay=replay)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_the_kernel_replay_matches_the_unrolled_reference_over_a_long_sequence(name):
+    _check(name, num_layers=1, bidirectional=False, steps=300, batch=2, replay="kernel")
 
 
 def test_irnn_with_identity_recurrence_passes_the_gradient_unchanged():
@@ -242,3 +264,52 @@ def test_one_backward_function_per_cell_type_and_unknown_types_are_named():
     with pytest.raises(ValueError, match="unknown cell type 'lstm_peephole'") as raised:
         backward_through_time("lstm_peephole", weights, x, states, torch.zeros(2, 5), states)
     assert all(repr(cell_type) in str(raised.value) for cell_type in ("rnn_tanh", "rnn_relu", "gru", "lstm"))
+
+
+def test_a_chaotic_layer_whose_kernel_replay_drifts_is_measured_by_the_recursion():
+    # a tanh RNN with gain 3 amplifies rounding: run in float64 and measured in float32, the
+    # kernel's free-running float32 states leave the layer's after a few dozen steps, while the
+    # recursion starts every step from the captured state
+    torch.manual_seed(0)
+    rnn = nn.RNN(8, 64).double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.normal_(0, 3 / 64**0.5)
+    x = torch.randn(300, 4, 8, dtype=torch.float64)
+    states = rnn(x)[0].detach().float()
+    rnn.float()
+    direct = torch.randn(states.shape)
+    arguments = (rnn, x.float(), torch.zeros(1, 4, 64))
+    drifting = fused_timestep_grads(*arguments, output_grad=direct, outputs=states, replay="kernel", tolerance=math.inf)[0, False]
+    assert drifting.replay == "kernel" and float(drifting.residual) > 0.1
+    measured = fused_timestep_grads(*arguments, output_grad=direct, outputs=states, replay="kernel")[0, False]
+    by_recursion = fused_timestep_grads(*arguments, output_grad=direct, outputs=states, replay="recursion")[0, False]
+    assert measured.replay == "recursion" and float(measured.residual) < 1e-4
+    torch.testing.assert_close(measured.state, by_recursion.state, rtol=0, atol=0)
+
+
+def test_the_chooser_times_both_replays_once_then_runs_the_faster():
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 16)
+    x = torch.randn(40, 3, 4)
+    probe = TimestepProbe(nn.ModuleDict({"gru": gru}))
+    probe.attach()
+    runs = []
+    for _ in range(4):
+        probe.arm()
+        output, _ = gru(x)
+        probe.disarm()
+        (output**2).sum().backward()
+        runs.append(probe.compute().norms_by_name["gru.l0"])
+        runs_so_far = [set(replays) for replays in probe.replays.ran.values()]
+        assert len(runs_so_far) == 1
+    probe.detach()
+    ((case, chosen),) = probe.replays.chosen.items()
+    assert case[:2] == ("cpu", "gru") and chosen in ("recursion", "kernel")
+    assert probe.replays.ran[case] == {"recursion", "kernel"}
+    for norms in runs[1:]:
+        torch.testing.assert_close(norms, runs[0], rtol=1e-5, atol=0)
+
+
+def test_unknown_replays_are_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match="'auto', 'recursion', 'kernel'"):
+        TimestepProbe(nn.ModuleDict({"gru": nn.GRU(4, 16)}), replay="fused")

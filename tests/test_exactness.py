@@ -23,9 +23,9 @@ LENGTHS = torch.tensor([12, 9, 5, 3])
 
 
 @contextmanager
-def armed_probe(rnn: nn.Module) -> Iterator[TimestepProbe]:
+def armed_probe(rnn: nn.Module, replay: str = "auto") -> Iterator[TimestepProbe]:
     """A probe attached to ``rnn`` (named ``"rnn"``), armed for the forward passes in the block."""
-    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}))
+    probe = TimestepProbe(nn.ModuleDict({"rnn": rnn}), replay=replay)
     probe.attach()
     probe.arm()
     yield probe
@@ -64,12 +64,13 @@ def _assert_matches(measured: dict[str, Tensor], states: dict, cells: dict, name
         (lambda: PackingGRU(3, 5, num_layers=2, bidirectional=True, batch_first=True), "gru"),
     ],
 )
-def test_a_layer_that_packs_its_own_batch_is_measured_on_what_its_kernel_ran(build, cell_type):
+@pytest.mark.parametrize("replay", ["recursion", "kernel"])
+def test_a_layer_that_packs_its_own_batch_is_measured_on_what_its_kernel_ran(build, cell_type, replay):
     torch.manual_seed(0)
     rnn = build()
     x = torch.randn(4, 12, 3)
     readout = torch.randn(rnn.num_layers * (2 if rnn.bidirectional else 1), 4, rnn.hidden_size)
-    with armed_probe(rnn) as probe:
+    with armed_probe(rnn, replay) as probe:
         _, state = rnn(x, lengths=LENGTHS)
     h_n = state[0] if isinstance(state, tuple) else state
     (h_n * readout).sum().backward()
@@ -86,11 +87,12 @@ def test_a_layer_that_packs_its_own_batch_is_measured_on_what_its_kernel_ran(bui
     _assert_matches(measured, states, cells, "rnn", LENGTHS)
 
 
-def test_every_call_of_an_encoder_decoder_lstm_is_measured_with_the_gradient_between_them():
+@pytest.mark.parametrize("replay", ["recursion", "kernel"])
+def test_every_call_of_an_encoder_decoder_lstm_is_measured_with_the_gradient_between_them(replay):
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 6, num_layers=2)
     source, target = torch.randn(7, 4, 3), torch.randn(5, 4, 3)
-    with armed_probe(rnn) as probe:
+    with armed_probe(rnn, replay) as probe:
         _, encoded = rnn(source)
         decoded, _ = rnn(target, encoded)
     decoded.pow(2).sum().backward()
@@ -116,11 +118,12 @@ def test_every_call_of_an_encoder_decoder_lstm_is_measured_with_the_gradient_bet
         (lambda: nn.RNN(3, 6, num_layers=2, dropout=0.5), "rnn_tanh"),
     ],
 )
-def test_inter_layer_dropout_is_measured_on_the_network_that_ran(build, cell_type):
+@pytest.mark.parametrize("replay", ["recursion", "kernel"])
+def test_inter_layer_dropout_is_measured_on_the_network_that_ran(build, cell_type, replay):
     torch.manual_seed(0)
     rnn = build().train()
     x = torch.randn(8, 4, 3)
-    with armed_probe(rnn) as probe:
+    with armed_probe(rnn, replay) as probe:
         output, _ = rnn(x)
     masks = probe._fused_calls["rnn"].forward[0].dropout_masks  # the masks this step really drew
     assert masks is not None and len(masks) == rnn.num_layers - 1
