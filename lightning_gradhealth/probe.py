@@ -60,10 +60,19 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradhealth.bptt import REPLAYS, Replay, TimestepGrads, fused_timestep_grads, kernel_weights, timestep_norms
+from lightning_gradhealth.bptt import (
+    REPLAYS,
+    CellWeights,
+    Replay,
+    TimestepGrads,
+    fused_timestep_grads,
+    kernel_weights,
+    timestep_norms,
+)
 from lightning_gradhealth.defaults import MAX_CALLS_MEASURED, replay_tolerance
 from lightning_gradhealth.keys import LayerKey, by_name
 from lightning_gradhealth.layers import cell_type_of, fused_layer_keys
+from lightning_gradhealth.lyapunov import fused_lyapunov_exponents, lyapunov_exponents
 
 __all__ = ["ProbeResult", "ReplayChooser", "TimestepProbe"]
 
@@ -83,17 +92,29 @@ class ProbeResult:
         unmeasured: ``{key: reason}`` for every watched layer and direction (hidden-state key of
             its first call) that has no norms in this result, the reason a clause such as "its
             call had an empty batch (B = 0): nothing to measure".
+        lyapunov: ``{hidden-state key: (k,) float tensor on the CPU}``, the top Lyapunov exponents
+            of each measured layer, direction and call
+            (:func:`~lightning_gradhealth.lyapunov.fused_lyapunov_exponents`), when the probe
+            computes them.
+        lyapunov_unmeasured: ``{key: reason}`` of the layers with norms but no exponents.
     """
 
     norms: dict[LayerKey, Tensor]
     saturation: dict[LayerKey, float]
     unmeasured: dict[LayerKey, str] = field(default_factory=dict)
+    lyapunov: dict[LayerKey, Tensor] = field(default_factory=dict)
+    lyapunov_unmeasured: dict[LayerKey, str] = field(default_factory=dict)
 
     @property
     def norms_by_name(self) -> dict[str, Tensor]:
         """:attr:`norms` keyed by the public strings, e.g. ``"encoder.rnn.l1_reverse"`` and
         ``"encoder.rnn.l1_reverse.cell"``."""
         return by_name(self.norms)
+
+    @property
+    def lyapunov_by_name(self) -> dict[str, Tensor]:
+        """:attr:`lyapunov` keyed by the public strings, e.g. ``"encoder.rnn.l1_reverse"``."""
+        return by_name(self.lyapunov)
 
 
 _KERNELS: dict[Any, str] = {
@@ -271,6 +292,27 @@ class FusedCapture:
             replay=replay,
             tolerance=self.tolerance,
         )
+
+    def lyapunov_exponents(self, module: nn.RNNBase, k: int, warmup: int) -> dict[tuple[int, bool], Tensor]:
+        """:func:`~lightning_gradhealth.lyapunov.fused_lyapunov_exponents` of this call of ``module``."""
+        return fused_lyapunov_exponents(
+            module,
+            self.inputs,
+            self.initial_states,
+            self.initial_cells,
+            outputs=self.outputs,
+            layer_outputs=self.layer_outputs,
+            dropout_masks=self.dropout_masks,
+            weights={**kernel_weights(module), **self.weights},
+            lengths=self.lengths,
+            k=k,
+            warmup=warmup,
+        )
+
+    @property
+    def longest(self) -> int:
+        """The steps of the longest sequence of the call."""
+        return self.inputs.shape[0] if self.lengths is None else int(self.lengths.max())
 
 
 def _accumulate(capture: FusedCapture, name: str) -> Callable[[Tensor], None]:
@@ -503,6 +545,15 @@ class _Calls(Generic[Item]):
         return placed
 
 
+class _CellStep(NamedTuple):
+    """One call of a built-in cell, detached, kept for its Lyapunov exponents: its input, the
+    state it was given (``(h, c)`` for an LSTM cell) and the state it returned."""
+
+    input: Tensor
+    given: tuple[Tensor, ...]
+    returned: tuple[Tensor, ...]
+
+
 @dataclass
 class _CellCalls(_Calls[int]):
     """One cell module's calls over one step; each captured call is an entry of the gradient
@@ -513,6 +564,8 @@ class _CellCalls(_Calls[int]):
     cell_grads: list[Optional[Tensor]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     has_elements: bool = False
+    steps: list[_CellStep] = field(default_factory=list)
+
 
 
 ReplayCase = tuple[str, str, int, bool, int, int, int, int]
@@ -630,6 +683,9 @@ class TimestepProbe:
             per timestep whose output is ``h_t`` or a tuple ``(h_t, c_t, ...)``.
         replay: how fused layers are replayed: ``"auto"`` (the faster exact replay, measured
             per kind of call by :class:`ReplayChooser`), ``"recursion"`` or ``"kernel"``.
+        lyapunov_k: how many Lyapunov exponents of each measured layer to compute
+            (:mod:`~lightning_gradhealth.lyapunov`); 0: none.
+        lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count.
 
     Attributes:
         fused: ``{module name: module}`` of the fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` watched.
@@ -648,8 +704,17 @@ class TimestepProbe:
         ValueError: a ``custom_cells`` pattern matches no module, or an unknown ``replay``.
     """
 
-    def __init__(self, model: nn.Module, custom_cells: Sequence[str] = (), replay: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        custom_cells: Sequence[str] = (),
+        replay: str = "auto",
+        lyapunov_k: int = 0,
+        lyapunov_warmup: int = 0,
+    ) -> None:
         self.replays = ReplayChooser(replay)
+        self.lyapunov_k = lyapunov_k
+        self.lyapunov_warmup = lyapunov_warmup
         module_names = [name for name, _ in model.named_modules()]
         for pattern in custom_cells:
             if not fnmatch.filter(module_names, pattern):
@@ -850,6 +915,8 @@ class TimestepProbe:
             if place is None:
                 return
             state, cell = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) else (output, None)
+            if self.lyapunov_k and isinstance(module, nn.RNNCellBase):
+                calls.steps.append(_cell_step(module, args, output))
             entry = len(calls.state_grads)
             for tensor, grads in ((state, calls.state_grads), (cell, calls.cell_grads)):
                 if not isinstance(tensor, Tensor):
@@ -879,6 +946,8 @@ class TimestepProbe:
         """
         norms: dict[LayerKey, Tensor] = {}
         saturation: dict[LayerKey, Tensor] = {}
+        exponents: dict[LayerKey, Tensor] = {}
+        without_exponents: dict[LayerKey, str] = {}
         try:
             with torch.no_grad():
                 for name, calls in self._fused_calls.items():
@@ -902,6 +971,9 @@ class TimestepProbe:
                                 saturation[key] = grads.saturation
                             if grads.cell is not None:
                                 norms[key.cell_state] = timestep_norms(grads.cell)
+                        if measured and self.lyapunov_k:
+                            keys = {position: LayerKey(name, *position, call=index) for position in measured}
+                            self._fused_exponents(name, capture, keys, exponents, without_exponents)
                 for name, calls in self._cell_calls.items():
                     entries = calls.in_forward_order()
                     reason = _UNPLACED if entries is None else _cell_left_out(calls)
@@ -914,6 +986,8 @@ class TimestepProbe:
                     for state_key, grads in ((key, calls.state_grads), (key.cell_state, calls.cell_grads)):
                         if grads:
                             norms[state_key] = _call_norms([None if e is None else grads[e] for e in entries]) / grad_scale
+                    if self.lyapunov_k:
+                        self._cell_exponents(name, calls, entries, key, exponents, without_exponents)
             unmeasured = {key: self._why_unmeasured(key.module) for key in self.layer_keys if key not in norms}
         finally:
             self.release()
@@ -921,7 +995,75 @@ class TimestepProbe:
             {key: value.cpu() for key, value in norms.items()},
             {key: float(value) for key, value in saturation.items()},
             unmeasured,
+            {key: value.cpu() for key, value in exponents.items()},
+            without_exponents,
         )
+
+    def _fused_exponents(
+        self,
+        name: str,
+        capture: FusedCapture,
+        keys: dict[tuple[int, bool], LayerKey],
+        exponents: dict[LayerKey, Tensor],
+        without_exponents: dict[LayerKey, str],
+    ) -> None:
+        """The Lyapunov exponents of one measured call of the fused module ``name``, into
+        ``exponents`` (or the reason there are none into ``without_exponents``)."""
+        if capture.longest <= self.lyapunov_warmup:
+            reason = _short_for_warmup(capture.longest, self.lyapunov_warmup)
+            without_exponents.update((key, reason) for key in keys.values())
+            return
+        try:
+            by_layer = capture.lyapunov_exponents(self.fused[name], self.lyapunov_k, self.lyapunov_warmup)
+        except Exception as error:  # a measurement must never stop the user's training
+            without_exponents.update((key, f"its exponents failed ({type(error).__name__}: {error})") for key in keys.values())
+            return
+        exponents.update((keys[position], values) for position, values in by_layer.items() if position in keys)
+
+    def _cell_exponents(
+        self,
+        name: str,
+        calls: _CellCalls,
+        entries: list[Optional[int]],
+        key: LayerKey,
+        exponents: dict[LayerKey, Tensor],
+        without_exponents: dict[LayerKey, str],
+    ) -> None:
+        """The Lyapunov exponents of the calls of the cell ``name`` in this step, taken as one
+        trajectory: each call's state is the one the previous call returned."""
+        module = self.cells[name]
+        if not isinstance(module, nn.RNNCellBase):
+            without_exponents[key] = "a custom cell: its Jacobian is not known to the probe"
+            return
+        steps = [calls.steps[entry] for entry in entries if entry is not None]
+        if len(steps) != len(entries) or not steps:
+            without_exponents[key] = "some of its calls were not captured"
+            return
+        chained = all(  # the very tensors (no host-device sync): a state changed between calls is another trajectory
+            all(_same_tensor(given, returned) for given, returned in zip(later.given, earlier.returned))
+            for earlier, later in zip(steps, steps[1:])
+        )
+        if not chained:
+            without_exponents[key] = "a call was given another state than the previous call returned, so they are no trajectory"
+            return
+        if len(steps) <= self.lyapunov_warmup:
+            without_exponents[key] = _short_for_warmup(len(steps), self.lyapunov_warmup)
+            return
+        weights = CellWeights(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
+        initial = steps[0].given
+        try:
+            exponents[key] = lyapunov_exponents(
+                cell_type_of(module),
+                weights.to(torch.promote_types(module.weight_hh.dtype, torch.float32)),
+                torch.stack([step.input for step in steps]),
+                torch.stack([step.returned[0] for step in steps]),
+                initial[0],
+                initial_cell=initial[1] if len(initial) > 1 else None,
+                k=self.lyapunov_k,
+                warmup=self.lyapunov_warmup,
+            )
+        except Exception as error:  # a measurement must never stop the user's training
+            without_exponents[key] = f"its exponents failed ({type(error).__name__}: {error})"
 
     def _fail(self, name: str, error: Exception) -> None:
         """Leave the module ``name`` out from now on, for ``error`` (named in :attr:`failures`)."""
@@ -1045,3 +1187,26 @@ def _call_norms(grads: list[Optional[Tensor]]) -> Tensor:
     dtype = torch.promote_types(present[0].dtype, torch.float32)
     none = present[0].new_zeros(0, dtype=dtype)
     return timestep_norms(pad_sequence([none if g is None else g.to(dtype).flatten() for g in grads], batch_first=True))
+
+
+def _short_for_warmup(steps: int, warmup: int) -> str:
+    return f"its {steps} steps are no more than lyapunov_warmup={warmup}: no step is counted"
+
+
+def _cell_step(module: nn.RNNCellBase, args: tuple[Any, ...], output: Any) -> _CellStep:
+    """One call of a built-in cell, batched (an unbatched call gets a batch of one), detached;
+    a call without a given state was given zeros, as the cell itself takes them."""
+    x = args[0].detach()
+    returned = tuple(t.detach() for t in (output if isinstance(output, tuple) else (output,)))
+    given_arg = args[1] if len(args) > 1 else None
+    given = tuple(torch.zeros_like(t) for t in returned) if given_arg is None else tuple(
+        t.detach() for t in (given_arg if isinstance(given_arg, tuple) else (given_arg,))
+    )
+    if x.dim() == 1:
+        x, given, returned = x[None], tuple(t[None] for t in given), tuple(t[None] for t in returned)
+    return _CellStep(x, given, returned)
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (detached copies of one tensor do)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
