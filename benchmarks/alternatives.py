@@ -1,46 +1,67 @@
 """GradHealth against other ways of watching gradients: training time on CPU, interleaved in one process.
 
-The reference workload (``nn.LSTM(32, 256)``, batch-first, T = 100, batch 64, MSE loss on the last
-step through a linear head, Adam) is trained by a real ``pytorch_lightning.Trainer`` on CPU with a
-``TensorBoardLogger`` writing to a temporary directory, once per variant:
+Two workloads (``--workload``), each trained by a real ``pytorch_lightning.Trainer`` on CPU with a
+``TensorBoardLogger`` writing to a temporary directory, MSE loss on the last step through a linear
+head, Adam:
+
+- ``lstm`` (the reference): ``nn.LSTM(32, 256)``, batch-first, T = 100, batch 64;
+- ``gru``: ``nn.GRU(32, 512, num_layers=2)``, batch-first, T = 200, batch 64.
+
+The table's rows:
 
 1. no monitoring;
-2. ``GradHealth()``: dL/dh_t probe and ``sigma_max`` every 50 steps (the Trainer's
-   ``log_every_n_steps``), full spectra, histograms and pictures every 1000 steps;
-3. ``GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)``: all of it,
-   clipping included, on every step;
-4. Lightning's ``grad_norm``: ``self.log_dict(grad_norm(self, norm_type=2))`` in the module's
+2. ``GradHealth()`` at its defaults under Lightning's ``log_every_n_steps=50``: ``sigma_max`` and
+   the gradient norms every 50 steps, the dL/dh_t probe every ``PROBE_EVERY_N_LOGS`` x 50 steps
+   (step 0 included), full spectra, histograms and pictures every ``FULL_EVERY_N_LOGS`` x 50
+   steps (with the probe); goal: at most 1.01x;
+3. probe every step, ``GradHealth(log_every_n_steps=1)``: the probe and ``sigma_max`` on every
+   step, full passes on their default schedule (every ``FULL_EVERY_N_LOGS`` steps); goal: at most
+   2x on the reference LSTM;
+
+and, for ``lstm`` only, the alternatives:
+
+4. ``GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)``: all of
+   it, clipping included, on every step;
+5. Lightning's ``grad_norm``: ``self.log_dict(grad_norm(self, norm_type=2))`` in the module's
    ``on_before_optimizer_step``, ``Trainer(log_every_n_steps=1)``;
-5. TensorBoard histograms of every parameter's gradient and of every parameter on every step
-   (``writer.add_histogram``, 6 parameters, 12 histograms a step).
+6. TensorBoard histograms of every parameter's gradient and of every parameter on every step
+   (``writer.add_histogram``, 12 histograms a step).
 
 How it measures. Each variant has one Trainer that lives for the whole run, in its own thread; the
 threads take turns, one training step per turn, so only one runs at a time and the variants' steps
 are interleaved step by step: a burst of load on the shared machine hits all of them alike. A
-round gives each variant one window of consecutive steps, spread evenly over the round: 50 steps
-(the default schedule's period: 49 plain steps and one sampled step) for no monitoring and the two
-GradHealth schedules, fewer for the others, whose steps are all alike (25 for ``grad_norm``, 10 for
-histograms, 5 for variant 3). A step's time runs from its ``on_train_batch_start`` to that of the
-variant's next step, the hand-over left out, so it holds everything the loop does (data, forward,
-backward, callbacks, Lightning's logging, optimizer); each window ends with a flush of the
-variant's TensorBoard writer, so each variant pays for writing its own events. Left out, for every
-variant alike: Trainer start-up, step 0 (shown once, apart) and the first round (warm-up). Each
-round gives every variant's ms/step over ms/step without monitoring; the table shows medians over
-the rounds.
+round gives each variant one window of consecutive steps, spread evenly over the round. A step's
+time runs from its ``on_train_batch_start`` to that of the variant's next step, the hand-over left
+out, so it holds everything the loop does (data, forward, backward, callbacks, Lightning's
+logging, optimizer); each window ends with a flush of the variant's TensorBoard writer, so each
+variant pays for writing its own events. All threads allocate from one malloc arena, as the one
+thread of a real training run does: with glibc's default of one arena per thread, identical
+variants measured up to 20% apart, depending on the thread. Left out, for every variant alike: Trainer start-up,
+step 0 (shown once, apart) and the first round (warm-up). Each round gives every row's ms/step
+over ms/step without monitoring; the table shows medians over the rounds.
 
-The full pass of variant 2 comes once per 1000 steps, beyond any window this run can afford: a
-helper, ``GradHealth(full_every_n_steps=50)``, runs the same schedule with the full pass on every
-sampled step, and the difference between its sampled step and variant 2's, in the same round, is
-added to variant 2's window at 1/20 (one sampled step in 20 is a full one).
+Rows 2 and 3 mix kinds of steps at rates no window of a run this short can hold (one full pass
+in 1000 steps), so each kind is timed on its own Trainer, every round, and weighted by how often
+the schedule runs it (the package's own ``Schedule``, over one period of full passes):
+
+- other steps: ``GradHealth(log_every_n_steps=10**9)`` after step 0 (a counter check and the
+  NaN/Inf check), ``window`` steps a round, as many as without monitoring;
+- logging steps without the probe: ``GradHealth(log_every_n_steps=1, probe_every_n_steps=10**9,
+  full_every_n_steps=10**9)`` (``sigma_max``, gradient norms, their scalars);
+- probe steps: ``GradHealth(log_every_n_steps=1, full_every_n_steps=10**9)``;
+- full passes: ``GradHealth(log_every_n_steps=1, full_every_n_steps=1)`` (probe, full spectra,
+  histograms, pictures).
 
 Usage:
-    python benchmarks/alternatives.py            # 5 to 10 minutes on 2 cores, depending on their load
-    python benchmarks/alternatives.py --quick    # a smoke check: one round, about a minute
+    python benchmarks/alternatives.py                    # reference LSTM, 8 rounds, about 6 minutes on 2 cores
+    python benchmarks/alternatives.py --workload gru     # 2 x 512 GRU, T = 200: about 1 minute a round
+    python benchmarks/alternatives.py --quick            # a smoke check: one round, shortest windows
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import platform
@@ -58,18 +79,57 @@ from pytorch_lightning.utilities import grad_norm
 from torch import nn
 
 from lightning_gradhealth import GradHealth
+from lightning_gradhealth.trackers import Schedule
 
-INPUT_SIZE, HIDDEN, SEQ_LEN, BATCH = 32, 256, 100, 64
-PERIOD, FULL_EVERY = 50, 1000  # GradHealth()'s sampling interval (the Trainer's) and full-pass interval
+TRAINER_LOG_EVERY = 50  # Lightning's default log_every_n_steps, the interval GradHealth() takes up
+NEVER = 10**9  # an interval no run here reaches
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A recurrent layer and its data; ``window``: steps a round of the variants timed on plain steps."""
+
+    label: str
+    build: Callable[[], nn.Module]
+    input_size: int
+    hidden: int
+    seq_len: int
+    batch: int
+    window: int
+    alternatives: bool
+
+
+WORKLOADS = {
+    "lstm": Workload(
+        "LSTM 1 x 256, input 32, T = 100, batch 64",
+        lambda: nn.LSTM(32, 256, batch_first=True),
+        32,
+        256,
+        100,
+        64,
+        window=50,
+        alternatives=True,
+    ),
+    "gru": Workload(
+        "GRU 2 x 512, input 32, T = 200, batch 64",
+        lambda: nn.GRU(32, 512, num_layers=2, batch_first=True),
+        32,
+        512,
+        200,
+        64,
+        window=10,
+        alternatives=False,
+    ),
+}
 
 
 class _Sequences(pl.LightningModule):
-    """The reference workload: LSTM, linear head on the last step, MSE, Adam."""
+    """The workload's recurrent layer, a linear head on the last step, MSE, Adam."""
 
-    def __init__(self) -> None:
+    def __init__(self, workload: Workload) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(INPUT_SIZE, HIDDEN, batch_first=True)
-        self.head = nn.Linear(HIDDEN, 1)
+        self.rnn = workload.build()
+        self.head = nn.Linear(workload.hidden, 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -100,8 +160,8 @@ class _Histograms(pl.Callback):
 class _Batches(torch.utils.data.Dataset):
     """``length`` ready-made batches, cycling over a few random ones (no collation, no copies)."""
 
-    def __init__(self, length: int, distinct: int = 8) -> None:
-        x = torch.randn(distinct, BATCH, SEQ_LEN, INPUT_SIZE)
+    def __init__(self, workload: Workload, length: int, distinct: int = 8) -> None:
+        x = torch.randn(distinct, workload.batch, workload.seq_len, workload.input_size)
         self.pool = [(x[i], x[i, :, -1, :1].clone()) for i in range(distinct)]
         self.length = length
 
@@ -112,42 +172,89 @@ class _Batches(torch.utils.data.Dataset):
         return self.pool[index % len(self.pool)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Variant:
-    """One way of training: what it adds to the plain Trainer, and how many steps make one window.
+    """One way of training: what it adds to the plain Trainer, and its steps per round.
 
-    ``period`` is the length of the variant's schedule (the steps after which it repeats) and
-    ``window`` a multiple of it that divides ``PERIOD``: the variant's steps in one round.
+    ``window`` is ``None`` for the workload's window, else a fixed number of steps; either must
+    divide the workload's window.
     """
 
     label: str
-    period: int
-    window: int
+    window: Optional[int] = None
     callbacks: Callable[[], list[pl.Callback]] = list
     module: type[_Sequences] = _Sequences
-    trainer_log_every: int = PERIOD
+    trainer_log_every: int = TRAINER_LOG_EVERY
+    alternative: bool = False
 
-    def steps_per_turn(self, quick: bool) -> int:
-        """``window``; with ``quick`` one period, at least 2 steps."""
-        return max(self.period, 2) if quick else self.window
+    def steps_per_turn(self, workload: Workload, quick: bool) -> int:
+        """Steps per round: the window; with ``quick`` 2."""
+        return 2 if quick else (self.window or workload.window)
 
 
 VARIANTS = {
-    "none": Variant("no monitoring", 1, PERIOD),
-    "default": Variant("`GradHealth()` (defaults, full pass amortized)", PERIOD, PERIOD, lambda: [GradHealth()]),
+    "none": Variant("no monitoring"),
+    "other": Variant("GradHealth(), its other steps", callbacks=lambda: [GradHealth(log_every_n_steps=NEVER)]),
+    "logging": Variant(
+        "GradHealth(), its logging steps without the probe",
+        5,
+        lambda: [GradHealth(log_every_n_steps=1, probe_every_n_steps=NEVER, full_every_n_steps=NEVER)],
+    ),
+    "probe": Variant("GradHealth(), its probe steps", 5, lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=NEVER)]),
+    "full": Variant("GradHealth(), its full passes", 2, lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=1)]),
     "everything": Variant(
         '`GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)`',
-        1,
         5,
         lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)],
+        alternative=True,
     ),
-    "grad_norm": Variant("Lightning `grad_norm` logged every step", 1, 25, module=_SequencesWithGradNorm, trainer_log_every=1),
-    "histograms": Variant("TensorBoard histograms of all gradients and weights every step", 1, 10, lambda: [_Histograms()]),
-    "full_helper": Variant(
-        "`GradHealth(full_every_n_steps=50)` (helper)", PERIOD, PERIOD, lambda: [GradHealth(full_every_n_steps=PERIOD)]
+    "grad_norm": Variant(
+        "Lightning `grad_norm` logged every step", 25, module=_SequencesWithGradNorm, trainer_log_every=1, alternative=True
+    ),
+    "histograms": Variant(
+        "TensorBoard histograms of all gradients and weights every step", 10, lambda: [_Histograms()], alternative=True
     ),
 }
-TABLE = ("none", "default", "everything", "grad_norm", "histograms")
+
+
+def step_mix(schedule: Schedule, period: int) -> dict[str, int]:
+    """How many steps of each kind (``other``, ``logging``, ``probe``, ``full``) ``schedule``
+    runs over ``period`` steps (a multiple of its full interval).
+
+    Examples:
+        >>> schedule = Schedule(log_every_n_steps=5, full_every_n_steps=20, probe_every_n_steps=10)
+        >>> schedule.resolve()
+        >>> step_mix(schedule, 20)
+        {'other': 16, 'logging': 2, 'probe': 1, 'full': 1}
+    """
+    mix = dict.fromkeys(("other", "logging", "probe", "full"), 0)
+    for step in range(period):
+        plan = schedule.update(step, optimizer="")
+        kind = "full" if plan.full else "probe" if plan.probe else "logging" if plan.measure else "other"
+        mix[kind] += 1
+    schedule.reset()
+    return mix
+
+
+def _resolved(log_every_n_steps: Optional[int]) -> Schedule:
+    """The schedule of ``GradHealth(log_every_n_steps=...)`` under Lightning's default interval."""
+    schedule = Schedule(log_every_n_steps)
+    schedule.resolve(TRAINER_LOG_EVERY)
+    return schedule
+
+
+DEFAULTS, EVERY_STEP = _resolved(None), _resolved(1)
+COMPOSITES = {
+    "default": (
+        f"`GradHealth()` (defaults: `sigma_max` every {DEFAULTS.log_every_n_steps} steps, probe every "
+        f"{DEFAULTS.probe_every_n_steps}, full pass every {DEFAULTS.full_every_n_steps})",
+        step_mix(DEFAULTS, DEFAULTS.full_every_n_steps),
+    ),
+    "every_step": (
+        f"`GradHealth(log_every_n_steps=1)` (probe every step, full pass every {EVERY_STEP.full_every_n_steps})",
+        step_mix(EVERY_STEP, EVERY_STEP.full_every_n_steps),
+    ),
+}
 
 
 class _Runner(pl.Callback):
@@ -158,8 +265,9 @@ class _Runner(pl.Callback):
     ``(k + 1) * window``; its last step includes a flush of the TensorBoard writer.
     """
 
-    def __init__(self, variant: Variant, window: int, windows: int, logdir: str, name: str) -> None:
-        self.variant, self.window, self.windows, self.logdir, self.name = variant, window, windows, logdir, name
+    def __init__(self, workload: Workload, variant: Variant, window: int, windows: int, logdir: str, name: str) -> None:
+        self.workload, self.variant, self.window, self.windows = workload, variant, window, windows
+        self.logdir, self.name = logdir, name
         self.step_times: dict[int, float] = {}
         self.error: Optional[BaseException] = None
         self._go, self._paused = threading.Event(), threading.Event()
@@ -181,8 +289,8 @@ class _Runner(pl.Callback):
                 accelerator="cpu",
                 log_every_n_steps=self.variant.trainer_log_every,
             )
-            loader = torch.utils.data.DataLoader(_Batches(steps), batch_size=None)
-            trainer.fit(self.variant.module(), loader)
+            loader = torch.utils.data.DataLoader(_Batches(self.workload, steps), batch_size=None)
+            trainer.fit(self.variant.module(self.workload), loader)
         except BaseException as error:  # handed to the scheduler's thread
             self.error = error
         finally:
@@ -218,14 +326,28 @@ class _Runner(pl.Callback):
         if self.error is not None:
             raise RuntimeError(f"variant {self.name!r} failed") from self.error
 
-    def window_seconds(self, index: int) -> float:
-        """Seconds of window ``index`` (0-based)."""
+    def window_ms(self, index: int) -> float:
+        """Mean ms per step of window ``index`` (0-based)."""
         first = 1 + index * self.window
-        return sum(self.step_times[step] for step in range(first, first + self.window))
+        return sum(self.step_times[step] for step in range(first, first + self.window)) / self.window * 1e3
 
 
-def _warm_up(logdir: str) -> None:
-    """A short unmonitored fit, so that no variant's step 0 pays for the process's first LSTM kernels."""
+def _one_malloc_arena() -> None:
+    """Make every thread allocate from glibc's main malloc arena (``mallopt(M_ARENA_MAX, 1)``),
+    before any runner thread starts. By default glibc gives threads arenas of their own, and
+    the LSTM's step (tens of MB of activations, freed and allocated again every step) then
+    runs up to 20% faster or slower depending on the thread that runs it. Elsewhere than glibc
+    nothing is done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max = -8  # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 1)
+
+
+def _warm_up(workload: Workload, logdir: str) -> None:
+    """A short unmonitored fit, so that no variant's step 0 pays for the process's first kernels."""
     trainer = pl.Trainer(
         max_steps=3,
         logger=pl.loggers.TensorBoardLogger(logdir, name="warm-up"),
@@ -234,38 +356,63 @@ def _warm_up(logdir: str) -> None:
         enable_model_summary=False,
         accelerator="cpu",
     )
-    trainer.fit(_Sequences(), torch.utils.data.DataLoader(_Batches(3), batch_size=None))
+    trainer.fit(_Sequences(workload), torch.utils.data.DataLoader(_Batches(workload, 3), batch_size=None))
 
 
-def measure(rounds: int, quick: bool, logdir: str) -> tuple[dict[str, _Runner], list[float]]:
-    """Run every variant for ``rounds`` windows, interleaved step by step; return the runners and each round's seconds.
+PAIR = ("none", "other")  # the two variants whose ratio weighs most: measured back to back, in turns
 
-    A round has ``PERIOD`` slots; a variant with a window of ``w`` steps runs one step in every
-    ``PERIOD / w`` slots. Within a slot the order of the variants flips from one slot to the next.
+
+def measure(workload: Workload, rounds: int, quick: bool, logdir: str) -> tuple[dict[str, _Runner], list[float]]:
+    """Run every variant of ``workload`` for ``rounds`` windows, interleaved step by step; return
+    the runners and each round's seconds.
+
+    A round has as many slots as the longest window; a variant with a window of ``w`` steps runs
+    one step in every ``slots / w`` slots. A slot runs its other variants, in an order that flips
+    from one slot to the next, then the :data:`PAIR`, whose order flips too. Every measured step
+    follows a plain step: one of an unmeasured buffer Trainer before each variant and before
+    the pair, the pair's partner after that. Some variants slow down whatever step runs right
+    after theirs (TensorBoard histograms: +40 ms on the next LSTM step, whoever's it is), and a
+    plain step between them keeps that off the variant that happens to come next.
     """
-    _warm_up(logdir)
-    runners = [_Runner(variant, variant.steps_per_turn(quick), rounds, logdir, key) for key, variant in VARIANTS.items()]
-    for runner in runners:
+    _warm_up(workload, logdir)
+    chosen = {key: variant for key, variant in VARIANTS.items() if workload.alternatives or not variant.alternative}
+    runners = {
+        key: _Runner(workload, variant, variant.steps_per_turn(workload, quick), rounds, logdir, key)
+        for key, variant in chosen.items()
+    }
+    slots = max(runner.window for runner in runners.values())
+    pair, others = [runners[key] for key in PAIR], [runner for key, runner in runners.items() if key not in PAIR]
+    buffer_turns = slots + sum(runner.window for runner in others)  # per round
+    buffer = _Runner(workload, Variant("buffer"), buffer_turns, rounds, logdir, "buffer")
+    for runner in [buffer, *runners.values()]:
         runner.turn()
     round_seconds = []
     for _ in range(rounds):
         start = time.perf_counter()
-        for slot in range(PERIOD):
-            for runner in runners[:: 1 if slot % 2 == 0 else -1]:
-                if slot % (PERIOD // runner.window) == 0:
+        for slot in range(slots):
+            order = 1 if slot % 2 == 0 else -1
+            for runner in others[::order]:
+                if slot % (slots // runner.window) == 0:
+                    buffer.turn()
                     runner.turn()
+            buffer.turn()
+            for runner in pair[::order]:
+                runner.turn()
         round_seconds.append(time.perf_counter() - start)
-    for runner in runners:
+    for runner in [buffer, *runners.values()]:
         runner.finish()
-    return {runner.name: runner for runner in runners}, round_seconds
+    return runners, round_seconds
 
 
 def per_step_ms(runners: dict[str, _Runner], round_index: int) -> dict[str, float]:
-    """ms per step of every variant of the table in one round; ``default`` with its share of the full pass."""
-    ms = {key: runner.window_seconds(round_index) / runner.window * 1e3 for key, runner in runners.items()}
-    sampled = (round_index + 1) * PERIOD  # the last step of the round's 50-step window
-    full_extra = runners["full_helper"].step_times[sampled] - runners["default"].step_times[sampled]
-    ms["default"] += full_extra * 1e3 / FULL_EVERY  # one step in FULL_EVERY is a full one instead of a sampled one
+    """ms per step of every variant in one round, and of each composite: its kinds of steps
+    weighted by how often its schedule runs them."""
+    ms = {key: runner.window_ms(round_index) for key, runner in runners.items()}
+    for key, (_, mix) in COMPOSITES.items():
+        ms[key] = sum(count * ms[kind] for kind, count in mix.items()) / sum(mix.values())
+    ms["default_without_full"] = ms["default"] - COMPOSITES["default"][1]["full"] * (ms["full"] - ms["probe"]) / sum(
+        COMPOSITES["default"][1].values()
+    )
     return ms
 
 
@@ -283,43 +430,41 @@ def machine() -> str:
     )
 
 
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.3f}-{max(values):.3f}"
-
-
 def report(runners: dict[str, _Runner], warm_up_rounds: int) -> None:
     """Print the markdown table: medians over the measured rounds, ratios taken within each round."""
     measured = range(warm_up_rounds, runners["none"].windows)
     per_round = [per_step_ms(runners, index) for index in measured]
+
+    def median(key: str) -> float:
+        return statistics.median(values[key] for values in per_round)
+
+    def ratios(key: str) -> list[float]:
+        return [values[key] / values["none"] for values in per_round]
+
+    # (row, label, the runner whose step 0 is the row's): a composite's step 0 is that of its first kind of step
+    rows = [("none", "no monitoring", "none"), ("default", COMPOSITES["default"][0], "other")]
+    rows += [("every_step", COMPOSITES["every_step"][0], "probe")]
+    rows += [(key, VARIANTS[key].label, key) for key in ("everything", "grad_norm", "histograms") if key in runners]
     print("| variant | ms/step | x no monitoring (median) | range over rounds | step 0 (once, not included) |")
     print("|---|---|---|---|---|")
-    for key in TABLE:
-        ms = statistics.median(values[key] for values in per_round)
-        ratios = [values[key] / values["none"] for values in per_round]
-        step_0 = runners[key].step_times[0] * 1e3
-        spread = _spread(ratios) if key != "none" else "-"
-        print(f"| {VARIANTS[key].label} | {ms:.1f} | {statistics.median(ratios):.3f}x | {spread} | {step_0:.0f} ms |")
+    for key, label, step_0_of in rows:
+        spread = "-" if key == "none" else f"{min(ratios(key)):.3f}-{max(ratios(key)):.3f}"
+        step_0 = runners[step_0_of].step_times[0] * 1e3
+        print(f"| {label} | {median(key):.1f} | {statistics.median(ratios(key)):.3f}x | {spread} | {step_0:.0f} ms |")
     print()
-    default, helper = runners["default"], runners["full_helper"]
-    sampled = [(index + 1) * PERIOD for index in measured]
-    plain = statistics.median(
-        default.step_times[step] for index in measured for step in range(1 + index * PERIOD, (index + 1) * PERIOD)
-    )
-    probe = statistics.median(default.step_times[step] for step in sampled)
-    full = statistics.median(helper.step_times[step] for step in sampled)
-    none = runners["none"]
-    unamortized = statistics.median(
-        (default.window_seconds(index) / default.window) / (none.window_seconds(index) / none.window) for index in measured
-    )
+    kinds = ", ".join(f"{kind} {median(kind):.1f}" for kind in ("none", "other", "logging", "probe", "full"))
+    mix = ", ".join(f"{count} {kind}" for kind, count in COMPOSITES["default"][1].items())
+    print(f"ms per step by kind (medians): {kinds}")
     print(
-        f"GradHealth() per kind of step (medians): other steps {plain * 1e3:.1f} ms, sampled steps {probe * 1e3:.0f} ms, "
-        f"a sampled step with the full pass {full * 1e3:.0f} ms (once per {FULL_EVERY} steps); "
-        f"without the full pass's share: {unamortized:.3f}x."
+        f"GradHealth() per {DEFAULTS.full_every_n_steps} steps: {mix}; without the full pass's share: "
+        f"{statistics.median(ratios('default_without_full')):.3f}x; probe step / plain step: "
+        f"{statistics.median(values['probe'] / values['none'] for values in per_round):.2f}x"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="lstm", help="default: lstm, the reference")
     parser.add_argument("--quick", action="store_true", help="one round, no warm-up round, shortest windows: a smoke check")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds, after one warm-up round (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -330,17 +475,17 @@ def main() -> None:
     for name in ("pytorch_lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.manual_seed(0)
+    _one_malloc_arena()
+    workload = WORKLOADS[args.workload]
     warm_up_rounds, rounds = (0, 1) if args.quick else (1, args.rounds)
-    windows = ", ".join(f"{key} {variant.steps_per_turn(args.quick)}" for key, variant in VARIANTS.items())
     print(machine())
-    print(
-        f"LSTM {INPUT_SIZE}->{HIDDEN}, T={SEQ_LEN}, batch {BATCH}, Adam, TensorBoardLogger; {rounds} measured rounds "
-        f"after {warm_up_rounds} warm-up round; steps per window: {windows}"
-    )
+    print(f"{workload.label}, Adam, TensorBoardLogger; {rounds} measured rounds after {warm_up_rounds} warm-up round")
     print()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logdir:
-        runners, round_seconds = measure(warm_up_rounds + rounds, args.quick, logdir)
+        runners, round_seconds = measure(workload, warm_up_rounds + rounds, args.quick, logdir)
+    windows = ", ".join(f"{key} {runner.window}" for key, runner in runners.items())
+    print(f"steps per round: {windows}\n")
     report(runners, warm_up_rounds)
     print(f"\nwall time {time.perf_counter() - start:.0f} s, {statistics.median(round_seconds):.0f} s per round")
 

@@ -12,9 +12,9 @@ The probe computes dL/dh_t of a fused ``nn.RNN``/``nn.LSTM``/``nn.GRU`` in one o
 For each cell (RNN tanh, LSTM, GRU, one layer, input 32), T in {100, 1000} and H in {64, 256,
 1024}, it times the layer's own forward+backward and each replay on the same captured data
 (``fused_timestep_grads``), interleaved round by round, and prints the medians, each replay as a
-multiple of the layer's forward+backward, and the faster one. The probe does not use this table:
-its :class:`~lightning_gradhealth.probe.ReplayChooser` times both on the first calls of each kind
-of call, where it runs, and keeps the faster.
+multiple of the layer's forward+backward, and the faster one. The probe's choice,
+:func:`~lightning_gradhealth.probe.preferred_replay`, is by device: what this table shows on a
+CPU, and on a GPU what it shows there.
 
 On a CUDA device (the default when one is present) the layer and the kernel replay run through
 cuDNN, and every timing waits for the device.

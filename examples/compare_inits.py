@@ -12,8 +12,9 @@ of some 16 decades lost at step 0) until training raises the radius. GradHealth 
 
 Each init is its own TensorBoard run, ``<logdir>/<task>_<cell>_T<T>/<init>`` (a rerun replaces
 the run of the same name), and the end prints one row per init: the held-out loss against the
-task's baseline, then at the start and at the end of training the gradient transmission and
-horizon through time and the spectral radius of the recurrent matrix.
+task's baseline, then at the start and at the end of training the gradient transmission, the
+largest Lyapunov exponent of the layer's dynamics and the horizon through time, and the spectral
+radius of the recurrent matrix.
 
 Usage:
     python examples/compare_inits.py                                  # about 1.5 minutes on 2 CPU cores
@@ -91,6 +92,7 @@ class RunResult:
     init: str
     held_out_loss: float
     transmission: tuple[float, float]
+    lyapunov_max: tuple[float, float]
     horizon: tuple[int, int]
     timesteps: int
     spectral_radius: tuple[float, float]
@@ -111,13 +113,15 @@ def spectral_radius(weight: torch.Tensor, gates: int) -> float:
 
 class StartOfTraining(pl.Callback):
     """Keeps what the comparison shows for the start of training: the spectral radius of the
-    recurrent matrix right after GradHealth's init, and GradHealth's first per-timestep summary."""
+    recurrent matrix right after GradHealth's init, and GradHealth's first per-timestep summary
+    and largest Lyapunov exponent."""
 
     def __init__(self, health: GradHealth, gates: int) -> None:
         self.health = health
         self.gates = gates
         self.spectral_radius = math.nan
         self.timestep_summary: Optional[TimestepSummary] = None
+        self.lyapunov_max = math.nan
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.spectral_radius = spectral_radius(pl_module.rnn.weight_hh_l0, self.gates)
@@ -125,6 +129,13 @@ class StartOfTraining(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.timestep_summary is None:
             self.timestep_summary = self.health.timestep_summaries.get(LAYER)
+            self.lyapunov_max = lyapunov_max(self.health)
+
+
+def lyapunov_max(health: GradHealth) -> float:
+    """The largest Lyapunov exponent of the layer at GradHealth's latest probe (NaN before one)."""
+    exponents = health.lyapunov_exponents.get(LAYER)
+    return math.nan if exponents is None else float(exponents[0])
 
 
 def train_one(task: Task, init: str, args: argparse.Namespace, run_group: Path) -> RunResult:
@@ -159,6 +170,7 @@ def train_one(task: Task, init: str, args: argparse.Namespace, run_group: Path) 
         init=init,
         held_out_loss=float(trainer.callback_metrics[task.held_out_metric]),
         transmission=(first.transmission, last.transmission),
+        lyapunov_max=(start.lyapunov_max, lyapunov_max(health)),
         horizon=(first.horizon, last.horizon),
         timesteps=last.steps,
         spectral_radius=(start.spectral_radius, spectral_radius(model.rnn.weight_hh_l0, GATES[args.cell])),
@@ -177,13 +189,14 @@ def format_table(results: list[RunResult], baseline: float, loss_name: str, gate
     of the transmission, the horizon and the spectral radius, and the training time."""
     radius_header = "spectral radius" if gates == 1 else "spectral radius (max over gates)"
     horizon_header = f"horizon (of {results[0].timesteps})"
-    header = ("init", f"held-out {loss_name}", "/ baseline", "transmission", horizon_header, radius_header, "time")
+    header = ("init", f"held-out {loss_name}", "/ baseline", "transmission", "lambda_1", horizon_header, radius_header, "time")
     rows = [header] + [
         (
             result.init,
             f"{result.held_out_loss:.4f}",
             f"{result.held_out_loss / baseline:.2f}",
             " -> ".join(_signed(value) for value in result.transmission),
+            " -> ".join(f"{value:+.3f}" for value in result.lyapunov_max),
             " -> ".join(str(value) for value in result.horizon),
             " -> ".join(f"{value:.2f}" for value in result.spectral_radius),
             f"{result.seconds:.0f} s",
@@ -235,7 +248,9 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     print(format_table(results, baseline, task.loss_name, GATES[args.cell]))
     print(
         "start -> end of training. transmission: log10 ||dL/dh_0|| / ||dL/dh_T-1||, below 0 the gradient vanishes on "
-        "its way back; horizon: steps back before it falls 1000x"
+        "its way back; lambda_1: the largest Lyapunov exponent of the layer's dynamics (natural log per step; "
+        "below 0 every perturbation of the state fades, 1/|lambda_1| steps is its horizon; above 0 some grow); "
+        "horizon: steps back before the gradient falls 1000x"
     )
     print(f"\nNext: tensorboard --logdir {run_group}")
     return results

@@ -31,6 +31,7 @@ __all__ = [
     "finite_number",
     "gate_counts",
     "given",
+    "integer",
     "norm_order",
     "optional_integer",
     "optional_string",
@@ -124,6 +125,19 @@ def optional_integer(
         raise TypeError(f"{name} must be {allowed}, got {given(value)}")
     if number < minimum or (maximum is not None and number > maximum):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def integer(name: str, value: object, allowed: str, *, minimum: int) -> int:
+    """``value`` as an int (see :func:`as_integer`), at least ``minimum``.
+
+    Raises:
+        TypeError: not an integer (``None`` included).
+        ValueError: below ``minimum``; both say ``name`` must be ``allowed``.
+    """
+    number = None if value is None else optional_integer(name, value, allowed, minimum=minimum)
+    if number is None:
+        raise TypeError(f"{name} must be {allowed}, got {given(value)}")
     return number
 
 

@@ -6,7 +6,7 @@
   and attach the monitor (the timestep probe's forward hooks).
 - ``on_train_start``: record the configuration and the custom-scalars layout in TensorBoard, at
   the step the run starts from.
-- ``on_train_batch_start``: the monitor arms the probe on a sampled step; on every other step
+- ``on_train_batch_start``: the monitor arms the probe on a probe step; on every other step
   it does a counter check and nothing else.
 - ``on_after_backward``, manual optimization only, on logging steps: each optimizer's gradient
   norm before the user's own ``clip_gradients`` can change it.
@@ -118,8 +118,10 @@ class GradHealth(CallbackBase):
     checkpoint (``trainer.fit(ckpt_path=...)``) nor on a second ``fit`` of the same model. Under DDP every rank
     draws from rank 0's seed, so the weights are identical on every rank.
 
-    Every ``log_every_n_steps`` optimizer steps it measures the exact norm of dL/dh_t at every
-    timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
+    Every ``probe_every_n_steps`` optimizer steps (by default one logging step of the Trainer's
+    in :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS`, or every logging step when you
+    give ``log_every_n_steps`` here; step 0 and every full pass always) it measures the exact norm
+    of dL/dh_t at every timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
     direction, ``gradhealth/<layer>/transmission``, ``.../horizon``, ``.../rate_per_step``,
     ``.../dh_norm_first`` and ``.../dh_norm_last`` (definitions in
     :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps after step 0 two
@@ -172,12 +174,24 @@ class GradHealth(CallbackBase):
         timesteps: measure per-timestep gradient norms (``False``: never attach a hook).
         custom_cells: glob patterns over module names of your own cells, modules your loop
             calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
-        log_every_n_steps: measuring interval in optimizer steps; default the Trainer's
-            ``log_every_n_steps``.
+        log_every_n_steps: measuring interval in optimizer steps (``sigma_max``, gradient
+            norms); default the Trainer's ``log_every_n_steps``.
+        probe_every_n_steps: interval of the dL/dh_t probe, which costs about two plain steps
+            on the steps it runs. Default: ``log_every_n_steps`` when you give that here (so
+            ``GradHealth(log_every_n_steps=1)`` probes every step), else
+            :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS` x the Trainer's interval
+            (every 400 steps with Lightning's default of 50). It must be a multiple of
+            ``log_every_n_steps`` when both are given, and is rounded up to one when the
+            interval comes from the Trainer. Full passes run the probe too.
         full_every_n_steps: interval of the full spectra, histograms and pictures; default
             :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` x ``log_every_n_steps``; it
             must be a multiple of ``log_every_n_steps`` when both are given, and is rounded up to
             one when the interval comes from the Trainer.
+        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes on
+            its steps (default :data:`~lightning_gradhealth.defaults.LYAPUNOV_K`; 0: none): the
+            growth rates per step of the product of the state-to-state Jacobians along the
+            trajectory the layer took (:mod:`lightning_gradhealth.lyapunov`).
+        lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this.
         explode_above: warn (once per layer) when that ratio rises above this.
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`).
@@ -207,6 +221,10 @@ class GradHealth(CallbackBase):
             spaced over the run (the first and the latest always kept); a probe longer than
             :data:`~lightning_gradhealth.defaults.HEATMAP_COLUMNS` timesteps is kept in bins,
             the largest norm of each.
+        lyapunov_exponents: ``{layer key: (k,) tensor}``, keyed like ``timestep_grad_norms``
+            (one entry per layer and direction, no ``.cell``): the top ``lyapunov_k`` Lyapunov
+            exponents of the layer's state dynamics on the latest probe's batch, sorted
+            descending, natural log per step (:mod:`~lightning_gradhealth.lyapunov`).
         spectra: ``{parameter name: MatrixSpectrum}`` of the latest full pass.
         latest_clip_stats: the :class:`~lightning_gradhealth.clipping.ClipStats` of the latest
             clipped step (0-d tensors: pre/post-clip norm, coefficient, clipped fraction).
@@ -285,6 +303,7 @@ class GradHealth(CallbackBase):
     timestep_grad_norms: _FromMonitor[dict[str, torch.Tensor]] = _FromMonitor()
     timestep_summaries: _FromMonitor[dict[str, TimestepSummary]] = _FromMonitor()
     timestep_history: _FromMonitor[dict[str, list[tuple[int, np.ndarray]]]] = _FromMonitor()
+    lyapunov_exponents: _FromMonitor[dict[str, torch.Tensor]] = _FromMonitor()
     spectra: _FromMonitor[dict[str, MatrixSpectrum]] = _FromMonitor()
     latest_clip_stats: _FromMonitor[Optional[ClipStats]] = _FromMonitor()
     clip_suggester: _FromMonitor[ClipThresholdSuggester] = _FromMonitor()
@@ -335,8 +354,10 @@ class GradHealth(CallbackBase):
         """Write the configuration and the custom-scalars layout to every TensorBoard log
         directory of this fit, a resumed run's new one included, at the step the run starts
         from (restored by now on resume)."""
+        config = self.monitor.config
+        layout = custom_scalars_layout(self.monitor.layer_keys, config.clip is not None, config.lyapunov_k > 0)
         for writer in self._writers:
-            writer.add_custom_scalars(custom_scalars_layout(self.monitor.layer_keys, self.monitor.config.clip is not None))
+            writer.add_custom_scalars(layout)
         add_text(self._writers, tags.CONFIG, config_markdown(self._configuration()), _logging_step(trainer))
 
     def _configuration(self) -> dict[str, Any]:
@@ -348,6 +369,7 @@ class GradHealth(CallbackBase):
             **dataclasses.asdict(self.monitor.config),
             "seed": self.init_seed if self.init_applied else self.init_config.seed,
             "log_every_n_steps": schedule.log_every_n_steps,
+            "probe_every_n_steps": schedule.probe_every_n_steps,
             "full_every_n_steps": schedule.full_every_n_steps,
             "layers": ", ".join(map(str, self.monitor.layer_keys)) or None,
         }
@@ -410,7 +432,7 @@ class GradHealth(CallbackBase):
         return dataclasses.replace(config, exclude=(*(config.exclude or ()), *kept))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        """Arm the probe on the first micro-batch of a sampled optimizer step."""
+        """Arm the probe on the first micro-batch of a probe step."""
         self.monitor.start_step(_logging_step(trainer))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -452,8 +474,8 @@ class GradHealth(CallbackBase):
         output = self.monitor.before_optimizer_step(
             step,
             [p for group in optimizer.param_groups for p in group["params"]],
-            # the loss scale is read (one sync) on logging steps only
-            grad_scale=float(scaler.get_scale()) if scaler is not None and self.monitor.is_logging_step(step) else 1.0,
+            # the loss scale is read (one sync) on probe steps only: the probe's norms are divided by it
+            grad_scale=float(scaler.get_scale()) if scaler is not None and self.monitor.is_probe_step(step) else 1.0,
             amp_scaler_active=scaler is not None,
             optimizer_name=_optimizer_name(index, len(optimizers)),
             grad_norm=self._norm_after_backward(index, step),

@@ -12,6 +12,10 @@ Examples:
     >>> config = MonitorConfig(clip="norm", clip_val=1.0)
     >>> config.log_every_n_steps is None        # resolved at attach time (the Trainer's interval)
     True
+    >>> MonitorConfig(log_every_n_steps=10, probe_every_n_steps=25)
+    Traceback (most recent call last):
+    ...
+    ValueError: probe_every_n_steps=25 must be a multiple of log_every_n_steps=10: the probe runs on logging steps
     >>> MonitorConfig(on_nonfinite="ignore")
     Traceback (most recent call last):
     ...
@@ -32,13 +36,14 @@ from lightning_gradhealth._validation import (
     finite_number,
     gate_counts,
     norm_order,
+    integer,
     optional_integer,
     optional_string,
     pattern_list,
     real_number,
 )
 from lightning_gradhealth.clipping import CLIP_MODES, validate_clip_args
-from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, VANISH_BELOW
+from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, LYAPUNOV_K, VANISH_BELOW
 
 __all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "read_setting", "refuse_setting", "settings_of"]
 
@@ -56,14 +61,29 @@ class MonitorConfig:
         timesteps: measure per-timestep gradient norms (``False``: never attach a hook); a bool.
         custom_cells: glob patterns over module names of your own cells, modules your loop
             calls once per timestep that return ``h_t`` or ``(h_t, c_t, ...)``.
-        log_every_n_steps: measuring interval in optimizer steps; ``None``: the interval
-            given at attach time (the Trainer's ``log_every_n_steps`` under Lightning, else
+        log_every_n_steps: measuring interval in optimizer steps (``sigma_max``, gradient
+            norms); ``None``: the interval given at attach time (the Trainer's
+            ``log_every_n_steps`` under Lightning, else
             :data:`~lightning_gradhealth.defaults.DEFAULT_LOG_EVERY_N_STEPS`).
+        probe_every_n_steps: interval of the dL/dh_t probe, the costly measurement (a probed
+            step costs about two plain ones). ``None``: ``log_every_n_steps`` when that is
+            given here (every measurement at the interval you chose), else
+            :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS` x the logging interval.
+            The probe runs on logging steps, so it must be a multiple of ``log_every_n_steps``
+            when both are given; against an interval resolved at attach time it is rounded up
+            to the next multiple. Full passes always run the probe too, so that their pictures
+            show a fresh curve.
         full_every_n_steps: interval of the full spectra, histograms and pictures; default
             :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` x the logging interval. Full
             passes happen on logging steps, so it must be a multiple of ``log_every_n_steps``
             when both are given; against an interval resolved at attach time it is rounded up
             to the next multiple.
+        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes on
+            its steps (:mod:`~lightning_gradhealth.lyapunov`: the growth rates of the product of
+            the state-to-state Jacobians along the trajectory the layer took); 0: none.
+        lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count
+            (the tangent frame still evolves through them, turning towards the directions that
+            grow most); an integer >= 0, below the sequences' length.
         vanish_below: warn (once per layer) when ||dL/dh_0|| / ||dL/dh_{T-1}|| falls below this;
             in (0, 1), since a ratio of 1 is a gradient that neither fades nor grows.
         explode_above: warn (once per layer) when that ratio rises above this; finite and > 1.
@@ -88,7 +108,10 @@ class MonitorConfig:
     timesteps: bool = True
     custom_cells: Optional[list[str]] = None
     log_every_n_steps: Optional[int] = None
+    probe_every_n_steps: Optional[int] = None
     full_every_n_steps: Optional[int] = None
+    lyapunov_k: int = LYAPUNOV_K
+    lyapunov_warmup: int = 0
     vanish_below: float = VANISH_BELOW
     explode_above: float = EXPLODE_ABOVE
     horizon_factor: float = HORIZON_FACTOR
@@ -106,8 +129,15 @@ class MonitorConfig:
             "log_every_n_steps": optional_integer(
                 "log_every_n_steps", self.log_every_n_steps, "None or an integer >= 1", minimum=1
             ),
+            "probe_every_n_steps": optional_integer(
+                "probe_every_n_steps", self.probe_every_n_steps, "None or an integer >= 1", minimum=1
+            ),
             "full_every_n_steps": optional_integer(
                 "full_every_n_steps", self.full_every_n_steps, "None or an integer >= 1", minimum=1
+            ),
+            "lyapunov_k": integer("lyapunov_k", self.lyapunov_k, "an integer >= 0 (0: no Lyapunov exponents)", minimum=0),
+            "lyapunov_warmup": integer(
+                "lyapunov_warmup", self.lyapunov_warmup, "an integer >= 0 (steps not counted at each sequence's start)", minimum=0
             ),
             "vanish_below": finite_number(
                 "vanish_below",
@@ -136,11 +166,13 @@ class MonitorConfig:
         }
         for name, value in settings.items():
             object.__setattr__(self, name, value)
-        if self.log_every_n_steps and self.full_every_n_steps and self.full_every_n_steps % self.log_every_n_steps:
-            raise ValueError(
-                f"full_every_n_steps={self.full_every_n_steps} must be a multiple of "
-                f"log_every_n_steps={self.log_every_n_steps}: full passes happen on logging steps"
-            )
+        for name, what in (("probe_every_n_steps", "the probe runs"), ("full_every_n_steps", "full passes happen")):
+            interval = getattr(self, name)
+            if self.log_every_n_steps and interval and interval % self.log_every_n_steps:
+                raise ValueError(
+                    f"{name}={interval} must be a multiple of log_every_n_steps={self.log_every_n_steps}: "
+                    f"{what} on logging steps"
+                )
 
     def _clipping(self) -> tuple[Optional[str], Optional[float], float]:
         """``(clip, clip_val, clip_norm_type)`` checked and normalized

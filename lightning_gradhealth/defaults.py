@@ -17,7 +17,9 @@ __all__ = [
     "HEATMAP_COLUMNS",
     "HISTORY_SIZE",
     "HORIZON_FACTOR",
+    "LYAPUNOV_K",
     "MAX_CALLS_MEASURED",
+    "PROBE_EVERY_N_LOGS",
     "REPLAY_TOLERANCE",
     "SATURATED_TANH",
     "SATURATING_ABOVE",
@@ -29,10 +31,25 @@ DEFAULT_LOG_EVERY_N_STEPS = 50
 """Measuring interval in optimizer steps when neither the user nor the Trainer gives one
 (Lightning's own default ``log_every_n_steps``)."""
 
-FULL_EVERY_N_LOGS = 20
+PROBE_EVERY_N_LOGS = 8
+"""The dL/dh_t probe runs every this many logging steps by default (every 400 steps under
+Lightning's default ``log_every_n_steps=50``), when the logging interval comes from the Trainer
+or from :data:`DEFAULT_LOG_EVERY_N_STEPS`; an interval given to GradHealth itself is that of
+every measurement, the probe included. The reason is its cost: a probed step costs about 2.3
+plain steps of the reference LSTM (capture, exact replay and its self-check), against a few
+milliseconds for the other logging steps (``sigma_max``, gradient norms) and a fraction of a
+millisecond for the other steps (the NaN/Inf check). Probing every logging step cost 1.4% of
+training time on its own; every 8th, with the full passes of :data:`FULL_EVERY_N_LOGS`, the
+whole default schedule stays within 1% (``benchmarks/alternatives.py`` measures both). It
+divides :data:`FULL_EVERY_N_LOGS`, so every default full pass is a probe step anyway."""
+
+FULL_EVERY_N_LOGS = 40
 """Full passes (every singular value and eigenvalue, histograms, pictures) happen every this many
-logging steps by default: the full decompositions cost far more than the warm-started sigma_max
-iteration of the other logging steps (``benchmarks/spectra.py`` measures both)."""
+logging steps by default (every 2000 steps under Lightning's default interval). A full pass of
+the reference LSTM costs about 6 plain steps, most of it drawing its three pictures
+(matplotlib) and the probe; the warm-started sigma_max iteration of the other logging steps
+costs milliseconds (``benchmarks/spectra.py`` measures both). Every 20 logging steps the full
+passes alone took 0.55% of training time; every 40, half that."""
 
 HISTORY_SIZE = 256
 """Rows of the per-timestep heatmap kept per layer, at most: rows at a stride of probes that doubles
@@ -98,6 +115,12 @@ CALLER_CLIPPING_RTOL = 1e-5
 that calls ``self.clip_gradients``), a sampled step counts as clipped by the caller when the norm
 at the optimizer step is lower by more than this relative amount; unscaling AMP gradients in
 another order changes it by about 1e-7."""
+
+LYAPUNOV_K = 8
+"""Lyapunov exponents computed per layer by default: the top few say whether the layer expands
+(lambda_1 > 0), forgets (all < 0) and how many directions carry information far (those near 0);
+each costs one Jacobian-vector product per step on a few sequences of the batch
+(``benchmarks/lyapunov.py``)."""
 
 CHECKPOINT_FORMAT = 1
 """The version of the state GradHealth writes into checkpoints. 0 is the unversioned state of

@@ -221,6 +221,8 @@ class LayerHealth:
             measured, e.g. a cell loop or a ReLU RNN).
         verdict: one of :data:`VERDICTS`.
         reason: the verdict's evidence, in numbers.
+        lyapunov_max: the latest largest Lyapunov exponent of the layer's dynamics, natural log
+            per step (:mod:`~lightning_gradhealth.lyapunov`; ``None``: not computed).
     """
 
     layer: str
@@ -231,6 +233,7 @@ class LayerHealth:
     saturation: Optional[float]
     verdict: str
     reason: str
+    lyapunov_max: Optional[float] = None
 
 
 def layer_verdict(
@@ -342,7 +345,9 @@ class HealthReport:
         return self.nonfinite_steps == 0 and all(layer.verdict in ("healthy", "unmeasured") for layer in self.layers)
 
     def rows(self) -> list[dict[str, str]]:
-        """The table's cells, one dict per layer (column name -> text)."""
+        """The table's cells, one dict per layer (column name -> text); the Lyapunov column when
+        some layer has an exponent."""
+        lyapunov = any(layer.lyapunov_max is not None for layer in self.layers)
         return [
             {
                 "layer": layer.layer,
@@ -352,6 +357,7 @@ class HealthReport:
                 "sigma end": _sigma_range(layer.spectrum_end),
                 "transmission": _transmission(layer.timesteps),
                 "horizon": "-" if layer.timesteps is None else f"{layer.timesteps.horizon}/{layer.timesteps.steps}",
+                **({"lambda_1 (1/|lambda_1|)": _lyapunov(layer.lyapunov_max)} if lyapunov else {}),
                 "verdict": layer.verdict,
             }
             for layer in self.layers
@@ -415,6 +421,28 @@ def _transmission(summary: Optional[TimestepSummary]) -> str:
     if summary is None or math.isnan(summary.transmission):
         return "-"
     return f"{'<' if summary.transmission_is_bound else ''}{summary.transmission:+.2f}"
+
+
+def _lyapunov(exponent: Optional[float]) -> str:
+    """``"-0.052 (19)"``: the exponent per step and the horizon it implies, 1 / |exponent| steps."""
+    if exponent is None:
+        return "-"
+    return f"{exponent:+.3f} ({horizon_text(exponent)})"
+
+
+def horizon_text(exponent: float) -> str:
+    """The horizon a Lyapunov exponent implies, 1 / |exponent| steps, rounded, as text.
+
+    Examples:
+        >>> horizon_text(-0.052), horizon_text(0.0), horizon_text(-1e-9)
+        ('19', 'inf', '>1e6')
+    """
+    if not math.isfinite(exponent):
+        return "0"
+    if exponent == 0:
+        return "inf"
+    steps = 1 / abs(exponent)
+    return ">1e6" if steps > 1e6 else f"{steps:.0f}"
 
 
 def _sigma_range(spectrum: Optional[SpectrumSummary]) -> str:

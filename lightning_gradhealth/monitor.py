@@ -5,7 +5,7 @@ It coordinates the parts of :mod:`~lightning_gradhealth.trackers` (schedule, tim
 gradients) and the timestep probe (:mod:`~lightning_gradhealth.probe`). Per optimizer step a
 loop calls
 
-1. :meth:`~GradHealthMonitor.start_step` before the forward pass (on a sampled step it arms the
+1. :meth:`~GradHealthMonitor.start_step` before the forward pass (on a probe step it arms the
    timestep probe, otherwise it only checks a counter);
 2. :meth:`~GradHealthMonitor.stop_capture` before ``backward()``;
 3. :meth:`~GradHealthMonitor.before_optimizer_step` once the gradients are complete (and
@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -75,12 +76,13 @@ __all__ = ["GradHealthMonitor"]
 class GradHealthMonitor:
     """Measures the gradient health of a model's recurrent layers on a schedule.
 
-    Every ``log_every_n_steps`` optimizer steps: the exact ||dL/dh_t|| at every timestep of every
-    recurrent layer and its summaries, sigma_max of every hidden-to-hidden matrix, the true
-    gradient norm and each recurrent layer's weight-gradient norm. Every ``full_every_n_steps``:
-    the full spectra, their histograms, an eigenvalue picture and the timestep pictures. Every
-    step: the NaN/Inf check and, with ``clip``, clipping. A step that is not sampled costs a
-    counter check, the fused NaN/Inf check and the clipping, if any.
+    Every ``log_every_n_steps`` optimizer steps: sigma_max of every hidden-to-hidden matrix, the
+    true gradient norm and each recurrent layer's weight-gradient norm. Every
+    ``probe_every_n_steps``: the exact ||dL/dh_t|| at every timestep of every recurrent layer and
+    its summaries. Every ``full_every_n_steps``: the full spectra, their histograms, an
+    eigenvalue picture, and the probe with its pictures. Every step: the NaN/Inf check and, with
+    ``clip``, clipping. A step that is not a logging step costs a counter check, the fused NaN/Inf
+    check and the clipping, if any; a logging step that is not a probe step captures nothing.
 
     Args:
         config: the settings as a :class:`~lightning_gradhealth.MonitorConfig`, or
@@ -91,7 +93,7 @@ class GradHealthMonitor:
             measured is named once.
 
     Attributes:
-        timestep_grad_norms, timestep_summaries, timestep_history, saturation, spectra,
+        timestep_grad_norms, timestep_summaries, timestep_history, saturation, lyapunov_exponents, spectra,
         latest_clip_stats, clip_suggester, suggested_clip_val, nonfinite_steps, skipped_steps,
         clip_steps, clipped_steps: what was measured, keyed by the layer keys' strings (see
         :class:`~lightning_gradhealth.GradHealth`).
@@ -110,7 +112,7 @@ class GradHealthMonitor:
             raise TypeError(f"GradHealthMonitor takes a MonitorConfig or settings, got both ({', '.join(settings)})")
         config = config if config is not None else MonitorConfig(**settings)
         self.notices = Notices() if warn is None else Notices(warn)
-        self.schedule = Schedule(config.log_every_n_steps, config.full_every_n_steps)
+        self.schedule = Schedule(config.log_every_n_steps, config.full_every_n_steps, config.probe_every_n_steps)
         self.timestep_tracker = TimestepTracker(config, self.notices)
         self.spectrum_tracker = SpectrumTracker(self.notices)
         self.gradient_tracker = GradientTracker(config, self.notices)
@@ -140,7 +142,7 @@ class GradHealthMonitor:
     @config.setter
     def config(self, config: MonitorConfig) -> None:
         self._config = self.timestep_tracker.config = self.gradient_tracker.config = config
-        self.schedule.requested = (config.log_every_n_steps, config.full_every_n_steps)
+        self.schedule.requested = (config.log_every_n_steps, config.full_every_n_steps, config.probe_every_n_steps)
 
     def attach(
         self,
@@ -173,7 +175,12 @@ class GradHealthMonitor:
         self.distributed = distributed or Distributed()
         self.recurrent_weights = find_recurrent_weights(model, self.config.custom)
         if self.config.timesteps:
-            self._probe = TimestepProbe(model, self.config.custom_cells or ())
+            self._probe = TimestepProbe(
+                model,
+                self.config.custom_cells or (),
+                lyapunov_k=self.config.lyapunov_k,
+                lyapunov_warmup=self.config.lyapunov_warmup,
+            )
         if not self.recurrent_weights and not (self._probe and self._probe.layer_keys):
             self.notices.warn(
                 f"GradHealth found no recurrent layer (nn.RNN/LSTM/GRU, nn.*Cell or a `custom` pattern) "
@@ -223,8 +230,12 @@ class GradHealthMonitor:
         """Whether ``step`` is measured: a multiple of the logging interval."""
         return self.schedule.is_logging_step(step)
 
+    def is_probe_step(self, step: int) -> bool:
+        """Whether the dL/dh_t probe runs at ``step`` (see :meth:`Schedule.is_probe_step`)."""
+        return self.schedule.is_probe_step(step)
+
     def start_step(self, step: int) -> None:
-        """Call before the forward pass of ``step``: on a sampled step, arm the probe.
+        """Call before the forward pass of ``step``: on a probe step, arm the probe.
 
         A capture left over from a window that ended without an optimizer step (a skipped batch)
         is dropped first.
@@ -233,7 +244,7 @@ class GradHealthMonitor:
             return
         if self._probe.has_captures and not (step == self._armed_step and self._probe.has_gradients):
             self._probe.release()
-        if self.is_logging_step(step) and not self._probe.has_captures:
+        if self.is_probe_step(step) and not self._probe.has_captures:
             self._probe.arm()
             self._armed_step = step
 
@@ -274,20 +285,35 @@ class GradHealthMonitor:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf;
                 raised before any weight changes.
         """
-        output = StepOutput()
+        output, spectra = StepOutput(), StepOutput()
         plan = self.schedule.update(step, optimizer_name)
+        records = self.recurrent_weights
+
+        def measure_spectra() -> None:
+            self._guarded("spectra", spectra, lambda: self.spectrum_tracker.update(records, step, plan.full, plan.pictures))
+
+        # a full pass's decompositions of CPU weights (O(H^3), LAPACK on one core per block) run on a
+        # thread of their own while the probe computes: both only read the weights, which stay as they
+        # are until this call returns; on a GPU, ops queued from another thread would not be ordered
+        # with the training stream's
+        alongside = plan.full and all(record.tensor.device.type == "cpu" for record in records)
         with self.distributed.full_parameters() if plan.measure else nullcontext():
-            if self._probe is not None and self._probe.has_captures:
-                result = self._probe.compute(grad_scale=grad_scale)
-                self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
-                if plan.pictures:
-                    self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
+            with ThreadPoolExecutor(1, thread_name_prefix="gradhealth-full-pass") if alongside else nullcontext() as pool:
+                full_pass = None if pool is None else pool.submit(measure_spectra)
+                if plan.probe and self._probe is not None and self._probe.has_captures:
+                    result = self._probe.compute(grad_scale=grad_scale)
+                    self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
+                    if plan.pictures:
+                        self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
             if plan.measure:
                 if self._probe is not None:
                     for key, message in sorted(self._probe.notices().items()):
                         self.notices.say(key, message)
-                records = self.recurrent_weights
-                self._guarded("spectra", output, lambda: self.spectrum_tracker.update(records, step, plan.full, plan.pictures))
+                if full_pass is None:
+                    measure_spectra()
+                else:
+                    full_pass.result()  # done by now; raises what the guard lets through (KeyboardInterrupt)
+        output.update(spectra)
         gradients = self.gradient_tracker.update(
             parameters,
             step,
@@ -363,6 +389,7 @@ class GradHealthMonitor:
                     saturation=saturation,
                     verdict=verdict,
                     reason=reason,
+                    lyapunov_max=_largest(timesteps.lyapunov.get(key)),
                 )
             )
         gradients = self.gradient_tracker
@@ -401,6 +428,10 @@ class GradHealthMonitor:
     @property
     def saturation(self) -> dict[str, float]:
         return by_name(self.timestep_tracker.saturation)
+
+    @property
+    def lyapunov_exponents(self) -> dict[str, Tensor]:
+        return by_name(self.timestep_tracker.lyapunov)
 
     @property
     def spectra(self) -> dict[str, MatrixSpectrum]:
@@ -548,3 +579,8 @@ def _from_format_0(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str],
     known = {*gradient_fields, *by_name_fields, "sigma_trackers"}
     dropped = sorted(str(name) for name in state if name not in known)
     return converted, dropped, {name: state[name] for name in by_name_fields if name in state}
+
+
+def _largest(exponents: Optional[Tensor]) -> Optional[float]:
+    """The largest of a layer's Lyapunov exponents (sorted descending), if it has any."""
+    return None if exponents is None or not len(exponents) else float(exponents[0])

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -74,7 +73,7 @@ from lightning_gradhealth.keys import LayerKey, by_name
 from lightning_gradhealth.layers import cell_type_of, fused_layer_keys
 from lightning_gradhealth.lyapunov import fused_lyapunov_exponents, lyapunov_exponents
 
-__all__ = ["ProbeResult", "ReplayChooser", "TimestepProbe"]
+__all__ = ["ProbeResult", "TimestepProbe", "preferred_replay"]
 
 
 @dataclass(frozen=True)
@@ -568,98 +567,25 @@ class _CellCalls(_Calls[int]):
 
 
 
-ReplayCase = tuple[str, str, int, bool, int, int, int, int]
-"""What decides which replay is faster: the device type, the cell type, layers, bidirectional,
-hidden and projected sizes, and T and B rounded up to powers of two."""
+def preferred_replay(device_type: str) -> Replay:
+    """The faster of the two exact replays of a fused layer on a device of ``device_type``, as
+    ``benchmarks/replay.py`` measures them against each other.
 
+    On a CPU the recursion: the kernel replay's identity block makes its input projection a
+    ``(G H) x (G H)`` product over every step, which costs more than the recursion's per-step
+    products save (an LSTM at H = 256, T = 100: about 4x the recursion). On a CUDA device the
+    kernel replay: cuDNN runs the whole sequence in a few kernels where the recursion launches
+    several per timestep; this choice follows from that count and was not measured here (no GPU
+    was available to this project; the benchmark measures it where one is).
 
-def _replay_case(module: nn.RNNBase, capture: FusedCapture) -> ReplayCase:
-    steps, batch = capture.inputs.shape[:2]
-    return (
-        capture.inputs.device.type,
-        cell_type_of(module),
-        module.num_layers,
-        module.bidirectional,
-        module.hidden_size,
-        getattr(module, "proj_size", 0),
-        1 << max(steps - 1, 0).bit_length(),
-        1 << max(batch - 1, 0).bit_length(),
-    )
-
-
-def _wait_for(device: torch.device) -> None:
-    """Wait until ``device`` has run what was queued on it (nothing to wait for on the CPU)."""
-    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
-    synchronize = getattr(backend, "synchronize", None)
-    if synchronize is not None:
-        synchronize(device)
-
-
-class ReplayChooser:
-    """Picks, by measurement, the faster of the two exact replays of a fused layer for each kind
-    of call (:data:`ReplayCase`): the backward recursion by hand, or the layer's own kernel
-    (:func:`~lightning_gradhealth.bptt.backward_through_time`).
-
-    Which is faster depends on the device (a GPU runs the recursion as several kernel launches
-    per timestep, and the kernel in a few), on T, H and the cell (``benchmarks/replay.py``), so it
-    is measured where it runs: the first call of a case runs the recursion (and warms it up), the
-    second the kernel, the third the recursion again, both timed (waiting for the device before
-    and after, on these two calls only); from the fourth on, the faster one runs. A kernel replay
-    that fell back to the recursion (its free-running states drifted from the layer's beyond the
-    self-check's tolerance) leaves the case to the recursion.
-
-    Args:
-        replay: ``"auto"`` (measure), or ``"recursion"`` / ``"kernel"`` to always run that one.
-
-    Attributes:
-        chosen: ``{case: replay}`` of the cases decided so far.
-        ran: ``{case: replays}``: the replays that computed each case's layers so far.
+    The choice depends on nothing that changes between runs, so a rerun or a resumed run
+    measures with the same replay and gives the same numbers to the last bit.
 
     Examples:
-        >>> chooser = ReplayChooser()
-        >>> case = ("cpu", "lstm", 1, False, 256, 0, 128, 64)
-        >>> for seconds in (None, 0.05, 0.02):              # warm-up, then the kernel and the recursion timed
-        ...     replay = chooser.next_replay(case)
-        ...     chooser.record(case, replay, {replay}, seconds)
-        >>> chooser.chosen[case], chooser.next_replay(case)
-        ('recursion', 'recursion')
+        >>> preferred_replay("cpu"), preferred_replay("cuda")
+        ('recursion', 'kernel')
     """
-
-    def __init__(self, replay: str = "auto") -> None:
-        if replay not in ("auto", *REPLAYS):
-            raise ValueError(f"unknown replay {replay!r}; expected 'auto', {', '.join(map(repr, REPLAYS))}")
-        self.replay = replay
-        self.chosen: dict[ReplayCase, Replay] = {}
-        self.ran: dict[ReplayCase, set[str]] = {}
-        self._seconds: dict[ReplayCase, list[float]] = {}
-
-    def next_replay(self, case: ReplayCase) -> Replay:
-        """The replay the next call of ``case`` runs."""
-        if self.replay != "auto":
-            return self.replay  # type: ignore[return-value]
-        if case in self.chosen:
-            return self.chosen[case]
-        return "kernel" if len(self._seconds.get(case, ())) == 1 else "recursion"
-
-    def timed(self, case: ReplayCase) -> bool:
-        """Whether the next call of ``case`` is timed (the second and third of an undecided case)."""
-        return self.replay == "auto" and case not in self.chosen and len(self._seconds.get(case, ())) in (1, 2)
-
-    def record(self, case: ReplayCase, replay: Replay, ran: set[str], seconds: Optional[float]) -> None:
-        """Account one call of ``case`` that was to run ``replay``; ``ran``: the replays its
-        layers actually ran; ``seconds``: its time, if it was timed."""
-        self.ran.setdefault(case, set()).update(ran)
-        if self.replay != "auto" or case in self.chosen:
-            return
-        if replay == "kernel" and "recursion" in ran:
-            self.chosen[case] = "recursion"
-            return
-        timings = self._seconds.setdefault(case, [])
-        timings.append(math.nan if seconds is None else seconds)
-        if len(timings) == 3:
-            _, kernel, recursion = timings
-            self.chosen[case] = "kernel" if kernel < recursion else "recursion"
-            del self._seconds[case]
+    return "kernel" if device_type == "cuda" else "recursion"
 
 
 class TimestepProbe:
@@ -681,8 +607,8 @@ class TimestepProbe:
         model: the module tree to watch.
         custom_cells: glob patterns over module names of your own cells: modules called once
             per timestep whose output is ``h_t`` or a tuple ``(h_t, c_t, ...)``.
-        replay: how fused layers are replayed: ``"auto"`` (the faster exact replay, measured
-            per kind of call by :class:`ReplayChooser`), ``"recursion"`` or ``"kernel"``.
+        replay: how fused layers are replayed: ``"auto"`` (the faster exact replay on the
+            weights' device, :func:`preferred_replay`), ``"recursion"`` or ``"kernel"``.
         lyapunov_k: how many Lyapunov exponents of each measured layer to compute
             (:mod:`~lightning_gradhealth.lyapunov`); 0: none.
         lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count.
@@ -698,7 +624,8 @@ class TimestepProbe:
         empty_batches: names of the modules called with an empty batch (B = 0) in some step
             (those calls were skipped; the module's other calls were measured).
         failures: ``{module name: reason}`` of the modules the probe could not measure.
-        replays: the :class:`ReplayChooser`; its ``chosen`` says which replay each kind of call runs.
+        replays_run: ``{module name: replays}``: which replays computed each fused module's
+            layers so far (``"recursion"`` also where a kernel replay drifted and was redone).
 
     Raises:
         ValueError: a ``custom_cells`` pattern matches no module, or an unknown ``replay``.
@@ -712,7 +639,10 @@ class TimestepProbe:
         lyapunov_k: int = 0,
         lyapunov_warmup: int = 0,
     ) -> None:
-        self.replays = ReplayChooser(replay)
+        if replay not in ("auto", *REPLAYS):
+            raise ValueError(f"unknown replay {replay!r}; expected 'auto', {', '.join(map(repr, REPLAYS))}")
+        self.replay = replay
+        self.replays_run: dict[str, set[str]] = {}
         self.lyapunov_k = lyapunov_k
         self.lyapunov_warmup = lyapunov_warmup
         module_names = [name for name, _ in model.named_modules()]
@@ -1039,8 +969,8 @@ class TimestepProbe:
         if len(steps) != len(entries) or not steps:
             without_exponents[key] = "some of its calls were not captured"
             return
-        chained = all(  # the very tensors (no host-device sync): a state changed between calls is another trajectory
-            all(_same_tensor(given, returned) for given, returned in zip(later.given, earlier.returned))
+        chained = all(  # a state changed between calls is another trajectory
+            all(_same_state(given, returned) for given, returned in zip(later.given, earlier.returned))
             for earlier, later in zip(steps, steps[1:])
         )
         if not chained:
@@ -1081,21 +1011,13 @@ class TimestepProbe:
         """One call's replay, if it reproduces the states the layer computed; else nothing, and the
         module is named in :attr:`unreproduced` (or in :attr:`failures` if the replay fails)."""
         module = self.fused[name]
-        case = _replay_case(module, capture)
-        replay, timed = self.replays.next_replay(case), self.replays.timed(case)
-        device = capture.inputs.device
+        replay = preferred_replay(capture.inputs.device.type) if self.replay == "auto" else self.replay
         try:
-            if timed:
-                _wait_for(device)
-            start = time.perf_counter()
-            measured = capture.timestep_grads(module, grad_scale, replay)
-            if timed:
-                _wait_for(device)
+            measured = capture.timestep_grads(module, grad_scale, replay)  # type: ignore[arg-type]
         except Exception as error:  # a measurement must never stop the user's training
             self._fail(name, error)
             return {}
-        seconds = time.perf_counter() - start if timed else None
-        self.replays.record(case, replay, {grads.replay for grads in measured.values()}, seconds)
+        self.replays_run.setdefault(name, set()).update(grads.replay for grads in measured.values())
         tolerance = capture.tolerance
         residuals = [float(grads.residual) for grads in measured.values() if grads.residual is not None]
         residual = max((value for value in residuals if math.isfinite(value)), default=0.0)  # NaN: see state_residual
@@ -1207,6 +1129,10 @@ def _cell_step(module: nn.RNNCellBase, args: tuple[Any, ...], output: Any) -> _C
     return _CellStep(x, given, returned)
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` view the same memory the same way (detached copies of one tensor do)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+def _same_state(given: Tensor, returned: Tensor) -> bool:
+    """Whether a call was given the state an earlier call returned: the very tensor (detached
+    copies of one tensor view the same memory: no host-device sync), or equal values (a
+    recomputation by reentrant activation checkpointing returns new tensors)."""
+    if given.data_ptr() == returned.data_ptr() and given.shape == returned.shape and given.stride() == returned.stride():
+        return True
+    return given.shape == returned.shape and torch.equal(given, returned)

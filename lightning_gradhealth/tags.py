@@ -6,7 +6,8 @@ place and missed in the other. All tags live under ``gradhealth/``:
 
 - ``gradhealth/<layer>/<name>``: per layer and direction (``<layer>`` is the layer key, e.g.
   ``rnn.l0_reverse``): the per-timestep summaries (:data:`TIMESTEP_SCALARS`), ``saturation``,
-  ``weight_grad_norm``, ``nonfinite_weight_blocks`` and the pictures;
+  ``weight_grad_norm``, ``nonfinite_weight_blocks``, the Lyapunov exponents
+  (:data:`LYAPUNOV_MAX`, :data:`LYAPUNOV`) and the pictures;
 - ``gradhealth/<layer>/<gate>/<name>``: per gate block of a hidden-to-hidden matrix, the
   spectral scalars (:data:`SPECTRUM_SCALARS`) and histograms;
 - ``gradhealth/grad_norm[/<optimizer>]/<name>`` and ``gradhealth/clip[/<optimizer>]/<name>``:
@@ -29,6 +30,8 @@ from lightning_gradhealth.keys import LayerKey
 
 __all__ = [
     "CONFIG",
+    "LYAPUNOV",
+    "LYAPUNOV_MAX",
     "NONFINITE_SKIPPED_STEPS",
     "NONFINITE_STEPS",
     "REPORT",
@@ -52,6 +55,12 @@ NONFINITE_SKIPPED_STEPS = f"{ROOT}/nonfinite/skipped_steps"
 
 TIMESTEP_SCALARS = ("transmission", "horizon", "rate_per_step", "dh_norm_first", "dh_norm_last")
 """The per-timestep summaries logged per layer (see :class:`~lightning_gradhealth.health.TimestepSummary`)."""
+
+LYAPUNOV_MAX = "lyapunov_max"
+"""The largest Lyapunov exponent of a layer's dynamics (natural log per step), a per-layer scalar."""
+
+LYAPUNOV = "lyapunov"
+"""The histogram of a layer's top-k Lyapunov exponents."""
 
 SPECTRUM_SCALARS = ("sigma_max", "sigma_min", "condition", "spectral_radius", "orth_error", "outside_unit_circle")
 """The spectral scalars of a full pass, per gate block (only ``sigma_max`` on the other logging steps)."""

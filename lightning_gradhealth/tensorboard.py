@@ -108,13 +108,16 @@ def write_outputs(
     add_pictures(writers, output.pictures, step, on_error)
 
 
-def custom_scalars_layout(layer_keys: Sequence[LayerKey], clipping: bool) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(
+    layer_keys: Sequence[LayerKey], clipping: bool, lyapunov: bool = False
+) -> dict[str, dict[str, list[Any]]]:
     """The "Custom Scalars" page: one category per recurrent layer and one for gradient norms.
 
-    Per layer: transmission, horizon, the spectral radius of every gate block, and sigma_max of
-    every gate block on one chart each (tags as regular expressions, one line per gate). Then the
-    total gradient norm before and after clipping, the clip coefficient and the NaN/Inf counts.
-    The result is the ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
+    Per layer: transmission, horizon, the largest Lyapunov exponent (when they are computed,
+    ``lyapunov``), the spectral radius of every gate block, and sigma_max of every gate block on
+    one chart each (tags as regular expressions, one line per gate). Then the total gradient norm
+    before and after clipping, the clip coefficient and the NaN/Inf counts. The result is the
+    ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
 
     Examples:
         >>> layout = custom_scalars_layout([LayerKey("rnn", 0)], clipping=False)
@@ -129,6 +132,11 @@ def custom_scalars_layout(layer_keys: Sequence[LayerKey], clipping: bool) -> dic
         layout[f"{tags.ROOT} {key}"] = {
             "transmission (decades, last step back to first)": ["Multiline", [tags.layer_pattern(key, "transmission")]],
             "horizon (steps that keep gradient)": ["Multiline", [tags.layer_pattern(key, "horizon")]],
+            **(
+                {"lambda_1, largest Lyapunov exponent (per step)": ["Multiline", [tags.layer_pattern(key, tags.LYAPUNOV_MAX)]]}
+                if lyapunov
+                else {}
+            ),
             "spectral radius per gate": ["Multiline", [tags.gate_pattern(key, "spectral_radius")]],
             "sigma_max per gate": ["Multiline", [tags.gate_pattern(key, "sigma_max")]],
         }

@@ -2,7 +2,7 @@
 ``Metric``): ``update`` takes one step's data and returns what to log, ``reset`` forgets an
 earlier run, ``state_dict`` / ``load_state_dict`` carry the state through a checkpoint.
 
-- :class:`Schedule`: which steps are measured, which are full passes.
+- :class:`Schedule`: which steps are measured, which are probed, which are full passes.
 - :class:`TimestepTracker`: the per-timestep norms of the probe, their summaries, the heatmap
   history and the vanishing / exploding notices.
 - :class:`SpectrumTracker`: sigma_max on logging steps (warm-started), full spectra on full
@@ -45,6 +45,7 @@ from lightning_gradhealth.defaults import (
     FULL_EVERY_N_LOGS,
     HEATMAP_COLUMNS,
     HISTORY_SIZE,
+    PROBE_EVERY_N_LOGS,
 )
 from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, describe_rate, diagnose_timesteps, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
@@ -143,7 +144,9 @@ class StepPlan:
     """What one optimizer step does, from the :class:`Schedule`.
 
     Attributes:
-        measure: run the probe and the spectra (the first optimizer to step at a logging step).
+        measure: run the spectra (the first optimizer to step at a logging step).
+        probe: run the dL/dh_t probe on what it captured: a measured step that is a probe step
+            (:meth:`Schedule.is_probe_step`). On the other logging steps nothing is captured.
         full: a full pass: every singular value and eigenvalue, and their histograms.
         log_gradients: log this optimizer's gradient norms and clipping statistics.
         pictures: draw the pictures: on the full passes after step 0. The first full pass, right
@@ -153,50 +156,78 @@ class StepPlan:
     """
 
     measure: bool
+    probe: bool
     full: bool
     log_gradients: bool
     pictures: bool = False
 
 
 class Schedule:
-    """Which optimizer steps are measured: every ``log_every_n_steps``, with a full pass every
-    ``full_every_n_steps`` (a multiple of the logging interval).
+    """Which optimizer steps are measured: every ``log_every_n_steps`` (``sigma_max``, gradient
+    norms), with the dL/dh_t probe every ``probe_every_n_steps`` and a full pass every
+    ``full_every_n_steps`` (both multiples of the logging interval); a full pass runs the probe
+    too. Step 0 is all three.
 
-    An interval left ``None`` is resolved by :meth:`resolve` at attach time: the logging interval
-    from the fallback given there (the Trainer's) or
-    :data:`~lightning_gradhealth.defaults.DEFAULT_LOG_EVERY_N_STEPS`; the full interval is
-    :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` logging intervals, or the requested
-    one rounded up to a multiple of the resolved logging interval.
+    ``requested`` holds the intervals asked for, ``(log, full, probe)``, each ``None`` to be
+    resolved by :meth:`resolve` at attach time: the logging interval from the fallback given
+    there (the Trainer's) or :data:`~lightning_gradhealth.defaults.DEFAULT_LOG_EVERY_N_STEPS`;
+    the full interval is :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` logging
+    intervals; the probe interval is the logging interval when that was asked for, else
+    :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS` logging intervals. An interval
+    asked for against a resolved logging interval is rounded up to a multiple of it.
 
     Examples:
-        >>> schedule = Schedule(log_every_n_steps=None, full_every_n_steps=30)
+        >>> schedule = Schedule(log_every_n_steps=None, full_every_n_steps=30, probe_every_n_steps=50)
         >>> schedule.resolve(fallback=20)
-        >>> schedule.log_every_n_steps, schedule.full_every_n_steps
-        (20, 40)
-        >>> schedule.update(40, optimizer="")
-        StepPlan(measure=True, full=True, log_gradients=True, pictures=True)
-        >>> schedule.update(40, optimizer="")  # a second optimizer step at the same logged step
-        StepPlan(measure=False, full=False, log_gradients=False, pictures=False)
+        >>> schedule.log_every_n_steps, schedule.probe_every_n_steps, schedule.full_every_n_steps
+        (20, 60, 40)
+        >>> [step for step in range(0, 200, 20) if schedule.is_probe_step(step)]   # multiples of 60, and full passes
+        [0, 40, 60, 80, 120, 160, 180]
+        >>> schedule.update(100, optimizer="")  # a logging step that is not a probe step: sigma_max only
+        StepPlan(measure=True, probe=False, full=False, log_gradients=True, pictures=False)
+        >>> schedule.update(120, optimizer="")
+        StepPlan(measure=True, probe=True, full=True, log_gradients=True, pictures=True)
+        >>> schedule.update(120, optimizer="")  # a second optimizer step at the same logged step
+        StepPlan(measure=False, probe=False, full=False, log_gradients=False, pictures=False)
+        >>> defaults = Schedule()   # under Lightning's default interval: the probe every 8th logging step
+        >>> defaults.resolve(fallback=50)
+        >>> defaults.log_every_n_steps, defaults.probe_every_n_steps, defaults.full_every_n_steps
+        (50, 400, 2000)
+        >>> explicit = Schedule(log_every_n_steps=5)   # an interval asked for: the probe follows it
+        >>> explicit.resolve(fallback=50)
+        >>> explicit.log_every_n_steps, explicit.probe_every_n_steps
+        (5, 5)
     """
 
-    def __init__(self, log_every_n_steps: Optional[int] = None, full_every_n_steps: Optional[int] = None) -> None:
-        self.requested = (log_every_n_steps, full_every_n_steps)
+    def __init__(
+        self,
+        log_every_n_steps: Optional[int] = None,
+        full_every_n_steps: Optional[int] = None,
+        probe_every_n_steps: Optional[int] = None,
+    ) -> None:
+        self.requested = (log_every_n_steps, full_every_n_steps, probe_every_n_steps)
         self.log_every_n_steps: int
         self.full_every_n_steps: int
+        self.probe_every_n_steps: int
         self.resolve()
         self._measured_step: Optional[int] = None
         self._logged_steps: dict[str, int] = {}
 
     def resolve(self, fallback: Optional[int] = None) -> None:
         """Fix the intervals: the requested ones, else ``fallback``, else the defaults."""
-        log_every, full_every = self.requested
-        self.log_every_n_steps = log_every or (DEFAULT_LOG_EVERY_N_STEPS if fallback is None else max(int(fallback), 1))
-        full = full_every or FULL_EVERY_N_LOGS * self.log_every_n_steps
-        self.full_every_n_steps = -(-full // self.log_every_n_steps) * self.log_every_n_steps
+        log_every, full_every, probe_every = self.requested
+        log = self.log_every_n_steps = log_every or (DEFAULT_LOG_EVERY_N_STEPS if fallback is None else max(int(fallback), 1))
+        self.full_every_n_steps = -(-(full_every or FULL_EVERY_N_LOGS * log) // log) * log
+        probe = probe_every or (log if log_every else PROBE_EVERY_N_LOGS * log)
+        self.probe_every_n_steps = -(-probe // log) * log
 
     def is_logging_step(self, step: int) -> bool:
         """Whether ``step`` is measured: a multiple of ``log_every_n_steps``."""
         return step % self.log_every_n_steps == 0
+
+    def is_probe_step(self, step: int) -> bool:
+        """Whether the probe runs at ``step``: a multiple of ``probe_every_n_steps``, or a full pass."""
+        return step % self.probe_every_n_steps == 0 or step % self.full_every_n_steps == 0
 
     def logs_gradients(self, step: int, optimizer: str) -> bool:
         """Whether the next :meth:`update` of ``optimizer`` at ``step`` logs its gradients: a
@@ -215,7 +246,7 @@ class Schedule:
         if log_gradients:
             self._logged_steps[optimizer] = step
         full = measure and step % self.full_every_n_steps == 0
-        return StepPlan(measure, full, log_gradients, pictures=full and step > 0)
+        return StepPlan(measure, measure and self.is_probe_step(step), full, log_gradients, pictures=full and step > 0)
 
     def reset(self) -> None:
         """Forget which steps were measured (a new fit may count its steps from 0 again)."""
@@ -297,6 +328,8 @@ class TimestepTracker:
         saturation: ``{LayerKey: fraction}`` of saturated tanh candidates, fused layers only.
         unmeasured: ``{LayerKey: reason}`` of the watched layers the latest probe did not measure
             (:attr:`~lightning_gradhealth.probe.ProbeResult.unmeasured`), for the report.
+        lyapunov: ``{LayerKey: (k,) tensor}``, the top Lyapunov exponents of the latest probe
+            (:attr:`~lightning_gradhealth.probe.ProbeResult.lyapunov`).
         history: ``{LayerKey: [(step, norms), ...]}``, the heatmap rows: at most ``history_size``
             per key, evenly spaced over the run (:func:`thin_history`); at most ``history_columns``
             norms per row, a longer probe's in bins of timesteps
@@ -319,6 +352,7 @@ class TimestepTracker:
         self.summaries: dict[LayerKey, TimestepSummary] = {}
         self.saturation: dict[LayerKey, float] = {}
         self.unmeasured: dict[LayerKey, str] = {}
+        self.lyapunov: dict[LayerKey, Tensor] = {}
         self._rows: dict[LayerKey, list[_HeatmapRow]] = {}
 
     @property
@@ -332,11 +366,23 @@ class TimestepTracker:
         gradients are); a summary only when it is finite: a layer the loss does not reach has no
         ``transmission``, one step no ``rate_per_step``, and an underflowed first step's
         ``transmission`` is its finite bound (:mod:`~lightning_gradhealth.health`), named once.
+        The Lyapunov exponents are logged as ``lyapunov_max`` (the largest) and a histogram of all
+        k; an exponent of -inf (a direction mapped to zero, e.g. by dead ReLU units) is in the
+        report, not in TensorBoard, and a layer without exponents is named once with the reason.
         """
         output = StepOutput()
         self.grad_norms = dict(result.norms)
         self.saturation = dict(result.saturation)
         self.unmeasured = dict(result.unmeasured)
+        self.lyapunov = dict(result.lyapunov)
+        for key, exponents in result.lyapunov.items():
+            finite = exponents[torch.isfinite(exponents)]
+            if len(exponents) and math.isfinite(float(exponents[0])):
+                output.scalars[tags.layer_tag(key, tags.LYAPUNOV_MAX)] = float(exponents[0])
+            if len(finite):
+                output.histograms[tags.layer_tag(key, tags.LYAPUNOV)] = finite
+        for key, reason in result.lyapunov_unmeasured.items():
+            self.notices.say((key, "lyapunov"), f"no Lyapunov exponents for '{key}': {reason}.")
         self.summaries = {}
         for key, norms in result.norms.items():
             summary = summarize_timesteps(norms, self.config.horizon_factor, reverse=key.reverse)

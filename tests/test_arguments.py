@@ -104,6 +104,13 @@ def is_plain(value: object) -> bool:
         ({"log_every_n_steps": True}, TypeError, ["log_every_n_steps must be None or an integer >= 1", "got True (bool)"]),
         ({"full_every_n_steps": -4}, ValueError, ["full_every_n_steps must be None or an integer >= 1", "got -4"]),
         ({"log_every_n_steps": 4, "full_every_n_steps": 6}, ValueError, ["6 must be a multiple of log_every_n_steps=4"]),
+        ({"probe_every_n_steps": 0}, ValueError, ["probe_every_n_steps must be None or an integer >= 1", "got 0"]),
+        ({"probe_every_n_steps": 200.0}, TypeError, ["probe_every_n_steps must be None or an integer >= 1", "got 200.0 (float)"]),
+        (
+            {"log_every_n_steps": 50, "probe_every_n_steps": 120},
+            ValueError,
+            ["probe_every_n_steps=120 must be a multiple of log_every_n_steps=50: the probe runs on logging steps"],
+        ),
         # scheme names are strings among the valid names
         ({"init": 5}, TypeError, ["init must be a scheme name ('orthogonal', ", "or None, got 5 (int)"]),
         ({"init": "orthogonl"}, ValueError, ["Unknown init scheme 'orthogonl'. Did you mean 'orthogonal'?", "Valid names: "]),
@@ -139,6 +146,7 @@ def test_numpy_and_torch_scalars_and_tuples_are_accepted_as_plain_python_values(
         exclude=("head",),
         custom_cells=[],
         log_every_n_steps=np.int16(2),
+        probe_every_n_steps=np.int64(4),
         full_every_n_steps=torch.tensor(4),
         vanish_below=torch.tensor(0.01),
         explode_above=np.float64(100.0),
@@ -150,7 +158,7 @@ def test_numpy_and_torch_scalars_and_tuples_are_accepted_as_plain_python_values(
     assert (health.gain, health.chrono_t_max, health.seed, health.custom, health.exclude, health.custom_cells) == (
         2.0, 50, 7, {"cell.W_hh": 4}, ["head"], None
     )
-    assert (health.log_every_n_steps, health.full_every_n_steps) == (2, 4)
+    assert (health.log_every_n_steps, health.probe_every_n_steps, health.full_every_n_steps) == (2, 4, 4)
     assert (health.vanish_below, health.explode_above, health.horizon_factor) == (pytest.approx(0.01), 100.0, 10.0)
     assert (health.clip, health.clip_val, health.clip_norm_type) == ("norm", 0.5, math.inf)
     assert all(is_plain(getattr(health, name)) for name in ARGUMENTS)

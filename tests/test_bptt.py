@@ -16,7 +16,7 @@ from lightning_gradhealth.bptt import (
     fused_timestep_grads,
     reverse_padded,
 )
-from lightning_gradhealth.probe import TimestepProbe
+from lightning_gradhealth.probe import TimestepProbe, preferred_replay
 from reference_rnn import reference_norms, unrolled
 
 LAYERS = {
@@ -78,7 +78,7 @@ def _check(name: str, *, num_layers=2, bidirectional=True, batch_first=False, pa
     _loss(output, h_n, c_n, through).backward()
     norms = probe.compute().norms_by_name
     probe.detach()
-    assert set().union(*probe.replays.ran.values()) == {replay}
+    assert probe.replays_run == {"enc": {replay}}
 
     expected_keys = {f"enc.l{layer}" + s for layer in range(num_layers) for s in (["", "_reverse"] if bidirectional else [""])}
     if c0 is not None:
@@ -287,27 +287,23 @@ def test_a_chaotic_layer_whose_kernel_replay_drifts_is_measured_by_the_recursion
     torch.testing.assert_close(measured.state, by_recursion.state, rtol=0, atol=0)
 
 
-def test_the_chooser_times_both_replays_once_then_runs_the_faster():
+def test_auto_runs_the_replay_preferred_on_the_weights_device_and_both_give_the_same_norms():
     torch.manual_seed(0)
     gru = nn.GRU(4, 16)
     x = torch.randn(40, 3, 4)
-    probe = TimestepProbe(nn.ModuleDict({"gru": gru}))
-    probe.attach()
-    runs = []
-    for _ in range(4):
+    norms = {}
+    for replay in ("auto", "recursion", "kernel"):
+        probe = TimestepProbe(nn.ModuleDict({"gru": gru}), replay=replay)
+        probe.attach()
         probe.arm()
         output, _ = gru(x)
         probe.disarm()
         (output**2).sum().backward()
-        runs.append(probe.compute().norms_by_name["gru.l0"])
-        runs_so_far = [set(replays) for replays in probe.replays.ran.values()]
-        assert len(runs_so_far) == 1
-    probe.detach()
-    ((case, chosen),) = probe.replays.chosen.items()
-    assert case[:2] == ("cpu", "gru") and chosen in ("recursion", "kernel")
-    assert probe.replays.ran[case] == {"recursion", "kernel"}
-    for norms in runs[1:]:
-        torch.testing.assert_close(norms, runs[0], rtol=1e-5, atol=0)
+        norms[replay] = probe.compute().norms_by_name["gru.l0"]
+        probe.detach()
+        assert probe.replays_run == {"gru": {preferred_replay("cpu") if replay == "auto" else replay}}
+    torch.testing.assert_close(norms["auto"], norms["recursion"], rtol=0, atol=0)
+    torch.testing.assert_close(norms["kernel"], norms["recursion"], rtol=1e-5, atol=0)
 
 
 def test_unknown_replays_are_named_with_the_valid_ones():

@@ -58,7 +58,8 @@ def _stacked_lstm() -> nn.Module:
 
 def test_norms_in_a_real_fit_equal_the_unrolled_reference_on_the_sampled_batch(tmp_path):
     torch.manual_seed(0)
-    model, recorder, health = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth()
+    health = GradHealth(probe_every_n_steps=2)  # every logging step of the Trainer's
+    model, recorder = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches()
     trainer = pytorch_lightning.Trainer(callbacks=[recorder, health], **trainer_kwargs(max_steps=5, log_every_n_steps=2))
     trainer.fit(model)
     assert [step for step, _ in health.timestep_history["rnn.l1_reverse"]] == [0, 2, 4]
@@ -71,7 +72,8 @@ def test_norms_in_a_real_fit_equal_the_unrolled_reference_on_the_sampled_batch(t
 
 def test_with_gradient_accumulation_the_first_micro_batch_is_measured_with_the_divided_loss():
     torch.manual_seed(0)
-    model, recorder, health = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches(), GradHealth()
+    health = GradHealth(probe_every_n_steps=2)
+    model, recorder = PLSequenceModel(build=_stacked_lstm, output_width=8), RecordBatches()
     trainer = pytorch_lightning.Trainer(
         callbacks=[recorder, health], **trainer_kwargs(max_steps=3, log_every_n_steps=2, accumulate_grad_batches=2)
     )

@@ -151,6 +151,7 @@ def test_report_of_a_real_fit_matches_numpy_torch_clipping_and_is_printed_and_wr
     assert report_text == report.markdown() and "| rnn.l0 | orthogonal |" in report_text
     config_text = texts["gradhealth/config/text_summary"][0].tensor_proto.string_val[0].decode()
     assert "| init | `'orthogonal'` |" in config_text and "| log_every_n_steps | `2` |" in config_text
+    assert "| probe_every_n_steps | `2` |" in config_text  # the interval given here: the probe follows it
 
 
 def test_a_threshold_never_reached_clips_no_step_and_without_clip_there_is_no_clip_rate():

@@ -287,3 +287,17 @@ def test_eigenvalue_image_is_an_hwc_uint8_picture_with_one_panel_per_gate_two_pe
     assert pyplot.get_fignums() == open_figures, "no figure left registered"
     with pytest.raises(ValueError, match="gate names"):
         eigenvalue_image(eigenvalues, gate_names=("r", "z", "n"))
+
+
+def test_blocks_spread_over_threads_give_the_values_of_one_batched_call_bit_for_bit():
+    weight = torch.randn(4 * 48, 48, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batched = full_spectrum(weight, gates=4)
+        torch.set_num_threads(4)
+        spread = full_spectrum(weight, gates=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched.singular_values, spread.singular_values)
+    assert torch.equal(batched.eigenvalues, spread.eigenvalues)
