@@ -39,8 +39,7 @@ every measurement, the probe included. The reason is its cost: a probed step cos
 plain steps of the reference LSTM (capture, exact replay and its self-check), against a few
 milliseconds for the other logging steps (``sigma_max``, gradient norms) and a fraction of a
 millisecond for the other steps (the NaN/Inf check). Probing every logging step cost 1.4% of
-training time on its own; every 8th, with the full passes of :data:`FULL_EVERY_N_LOGS`, the
-whole default schedule stays within 1% (``benchmarks/alternatives.py`` measures both). It
+training time on its own; every 8th, about 0.4% (``benchmarks/alternatives.py`` measures it). It
 divides :data:`FULL_EVERY_N_LOGS`, so every default full pass is a probe step anyway."""
 
 FULL_EVERY_N_LOGS = 40

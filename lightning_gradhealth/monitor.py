@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -285,35 +284,20 @@ class GradHealthMonitor:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf;
                 raised before any weight changes.
         """
-        output, spectra = StepOutput(), StepOutput()
+        output = StepOutput()
         plan = self.schedule.update(step, optimizer_name)
-        records = self.recurrent_weights
-
-        def measure_spectra() -> None:
-            self._guarded("spectra", spectra, lambda: self.spectrum_tracker.update(records, step, plan.full, plan.pictures))
-
-        # a full pass's decompositions of CPU weights (O(H^3), LAPACK on one core per block) run on a
-        # thread of their own while the probe computes: both only read the weights, which stay as they
-        # are until this call returns; on a GPU, ops queued from another thread would not be ordered
-        # with the training stream's
-        alongside = plan.full and all(record.tensor.device.type == "cpu" for record in records)
         with self.distributed.full_parameters() if plan.measure else nullcontext():
-            with ThreadPoolExecutor(1, thread_name_prefix="gradhealth-full-pass") if alongside else nullcontext() as pool:
-                full_pass = None if pool is None else pool.submit(measure_spectra)
-                if plan.probe and self._probe is not None and self._probe.has_captures:
-                    result = self._probe.compute(grad_scale=grad_scale)
-                    self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
-                    if plan.pictures:
-                        self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
+            if plan.probe and self._probe is not None and self._probe.has_captures:
+                result = self._probe.compute(grad_scale=grad_scale)
+                self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
+                if plan.pictures:
+                    self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
             if plan.measure:
                 if self._probe is not None:
                     for key, message in sorted(self._probe.notices().items()):
                         self.notices.say(key, message)
-                if full_pass is None:
-                    measure_spectra()
-                else:
-                    full_pass.result()  # done by now; raises what the guard lets through (KeyboardInterrupt)
-        output.update(spectra)
+                records = self.recurrent_weights
+                self._guarded("spectra", output, lambda: self.spectrum_tracker.update(records, step, plan.full, plan.pictures))
         gradients = self.gradient_tracker.update(
             parameters,
             step,
