@@ -94,6 +94,13 @@ class CellWeights:
     b_hh: Optional[Tensor] = None
     w_hr: Optional[Tensor] = None
 
+    @classmethod
+    def of_layer(cls, weights: Mapping[str, Tensor], layer: int, reverse: bool) -> "CellWeights":
+        """One layer/direction of a fused module, from the weights by name (``weight_ih_l1_reverse``, ...)."""
+        suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+        optional = [weights.get(kind + suffix) for kind in ("bias_ih", "bias_hh", "weight_hr")]
+        return cls(weights["weight_ih" + suffix], weights["weight_hh" + suffix], *optional)
+
     def to(self, dtype: torch.dtype) -> "CellWeights":
         """The same weights, detached, in ``dtype``."""
         cast = lambda w: None if w is None else w.detach().to(dtype)  # noqa: E731
@@ -982,14 +989,7 @@ def fused_timestep_grads(
     for layer in reversed(range(module.num_layers)):
         below = torch.zeros_like(layer_inputs[layer])
         for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            cell_weights = CellWeights(
-                weights["weight_ih" + suffix],
-                weights["weight_hh" + suffix],
-                weights.get("bias_ih" + suffix),
-                weights.get("bias_hh" + suffix),
-                weights.get("weight_hr" + suffix),
-            ).to(dtype)
+            cell_weights = CellWeights.of_layer(weights, layer, bool(direction)).to(dtype)
             columns = slice(direction * width, (direction + 1) * width)
             row = layer * directions + direction
             order = (lambda t: reverse_padded(t, lengths)) if direction else (lambda t: t)

@@ -582,14 +582,7 @@ def fused_lyapunov_exponents(
     results: dict[tuple[int, bool], Tensor] = {}
     for layer in range(module.num_layers):
         for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            cell_weights = CellWeights(
-                weights["weight_ih" + suffix],
-                weights["weight_hh" + suffix],
-                weights.get("bias_ih" + suffix),
-                weights.get("bias_hh" + suffix),
-                weights.get("weight_hr" + suffix),
-            ).to(dtype)
+            cell_weights = CellWeights.of_layer(weights, layer, bool(direction)).to(dtype)
             columns = slice(direction * width, (direction + 1) * width)
             row = layer * directions + direction
             order = (lambda t: reverse_padded(t, lengths)) if direction else (lambda t: t)
