@@ -288,7 +288,7 @@ class GradHealthMonitor:
         plan = self.schedule.update(step, optimizer_name)
         with self.distributed.full_parameters() if plan.measure else nullcontext():
             if plan.probe and self._probe is not None and self._probe.has_captures:
-                result = self._probe.compute(grad_scale=grad_scale)
+                result = self._probe.compute(grad_scale=grad_scale, lyapunov=plan.exponents)
                 self._guarded("timesteps", output, lambda: self.timestep_tracker.update(result, step))
                 if plan.pictures:
                     self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))

@@ -96,6 +96,8 @@ class ProbeResult:
             (:func:`~lightning_gradhealth.lyapunov.fused_lyapunov_exponents`), when the probe
             computes them.
         lyapunov_unmeasured: ``{key: reason}`` of the layers with norms but no exponents.
+        exponents_taken: whether this probe took the exponents (``compute(lyapunov=True)``
+            with ``lyapunov_k > 0``); when not, the two fields above are empty.
     """
 
     norms: dict[LayerKey, Tensor]
@@ -103,6 +105,7 @@ class ProbeResult:
     unmeasured: dict[LayerKey, str] = field(default_factory=dict)
     lyapunov: dict[LayerKey, Tensor] = field(default_factory=dict)
     lyapunov_unmeasured: dict[LayerKey, str] = field(default_factory=dict)
+    exponents_taken: bool = False
 
     @property
     def norms_by_name(self) -> dict[str, Tensor]:
@@ -859,7 +862,7 @@ class TimestepProbe:
 
         return hook
 
-    def compute(self, grad_scale: float = 1.0) -> ProbeResult:
+    def compute(self, grad_scale: float = 1.0, lyapunov: bool = True) -> ProbeResult:
         """Per-timestep norms of the captured pass, then :meth:`release`.
 
         A fused module whose measurement fails is left out and named in :attr:`failures`; every
@@ -868,12 +871,14 @@ class TimestepProbe:
         Args:
             grad_scale: the AMP loss scale the backward pass ran with (hooks see scaled
                 gradients); norms are divided by it.
+            lyapunov: take the Lyapunov exponents too (with ``lyapunov_k > 0``).
 
         Returns:
             The :class:`ProbeResult`: ``(T,)`` norms of every measured layer, direction and
             state (float64 for a float64 layer, else float32), the fused layers' saturated
             fractions, and why the others were not measured.
         """
+        take_exponents = lyapunov and self.lyapunov_k > 0
         norms: dict[LayerKey, Tensor] = {}
         saturation: dict[LayerKey, Tensor] = {}
         exponents: dict[LayerKey, Tensor] = {}
@@ -901,7 +906,7 @@ class TimestepProbe:
                                 saturation[key] = grads.saturation
                             if grads.cell is not None:
                                 norms[key.cell_state] = timestep_norms(grads.cell)
-                        if measured and self.lyapunov_k:
+                        if measured and take_exponents:
                             keys = {position: LayerKey(name, *position, call=index) for position in measured}
                             self._fused_exponents(name, capture, keys, exponents, without_exponents)
                 for name, calls in self._cell_calls.items():
@@ -916,7 +921,7 @@ class TimestepProbe:
                     for state_key, grads in ((key, calls.state_grads), (key.cell_state, calls.cell_grads)):
                         if grads:
                             norms[state_key] = _call_norms([None if e is None else grads[e] for e in entries]) / grad_scale
-                    if self.lyapunov_k:
+                    if take_exponents:
                         self._cell_exponents(name, calls, entries, key, exponents, without_exponents)
             unmeasured = {key: self._why_unmeasured(key.module) for key in self.layer_keys if key not in norms}
         finally:
@@ -927,6 +932,7 @@ class TimestepProbe:
             unmeasured,
             {key: value.cpu() for key, value in exponents.items()},
             without_exponents,
+            take_exponents,
         )
 
     def _fused_exponents(

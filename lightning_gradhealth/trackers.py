@@ -153,6 +153,7 @@ class StepPlan:
             after init, is numbers only: drawing costs about a second per fit, which every
             refit of a retrain loop would pay; :meth:`GradHealthMonitor.end_of_fit` draws the
             final state of a long run.
+        exponents: the probe takes the Lyapunov exponents too (:meth:`Schedule.takes_exponents`).
     """
 
     measure: bool
@@ -160,13 +161,15 @@ class StepPlan:
     full: bool
     log_gradients: bool
     pictures: bool = False
+    exponents: bool = False
 
 
 class Schedule:
     """Which optimizer steps are measured: every ``log_every_n_steps`` (``sigma_max``, gradient
     norms), with the dL/dh_t probe every ``probe_every_n_steps`` and a full pass every
     ``full_every_n_steps`` (both multiples of the logging interval); a full pass runs the probe
-    too. Step 0 is all three.
+    too. Step 0 is all three. The probe takes the Lyapunov exponents too, at most once every
+    :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS` logging intervals (:meth:`takes_exponents`).
 
     ``requested`` holds the intervals asked for, ``(log, full, probe)``, each ``None`` to be
     resolved by :meth:`resolve` at attach time: the logging interval from the fallback given
@@ -184,11 +187,11 @@ class Schedule:
         >>> [step for step in range(0, 200, 20) if schedule.is_probe_step(step)]   # multiples of 60, and full passes
         [0, 40, 60, 80, 120, 160, 180]
         >>> schedule.update(100, optimizer="")  # a logging step that is not a probe step: sigma_max only
-        StepPlan(measure=True, probe=False, full=False, log_gradients=True, pictures=False)
+        StepPlan(measure=True, probe=False, full=False, log_gradients=True, pictures=False, exponents=False)
         >>> schedule.update(120, optimizer="")
-        StepPlan(measure=True, probe=True, full=True, log_gradients=True, pictures=True)
+        StepPlan(measure=True, probe=True, full=True, log_gradients=True, pictures=True, exponents=True)
         >>> schedule.update(120, optimizer="")  # a second optimizer step at the same logged step
-        StepPlan(measure=False, probe=False, full=False, log_gradients=False, pictures=False)
+        StepPlan(measure=False, probe=False, full=False, log_gradients=False, pictures=False, exponents=False)
         >>> defaults = Schedule()   # under Lightning's default interval: the probe every 8th logging step
         >>> defaults.resolve(fallback=50)
         >>> defaults.log_every_n_steps, defaults.probe_every_n_steps, defaults.full_every_n_steps
@@ -197,6 +200,8 @@ class Schedule:
         >>> explicit.resolve(fallback=50)
         >>> explicit.log_every_n_steps, explicit.probe_every_n_steps
         (5, 5)
+        >>> [step for step in range(0, 100, 5) if explicit.takes_exponents(step)]   # every 8 x 5 steps
+        [0, 40, 80]
     """
 
     def __init__(
@@ -246,7 +251,20 @@ class Schedule:
         if log_gradients:
             self._logged_steps[optimizer] = step
         full = measure and step % self.full_every_n_steps == 0
-        return StepPlan(measure, measure and self.is_probe_step(step), full, log_gradients, pictures=full and step > 0)
+        probe = measure and self.is_probe_step(step)
+        return StepPlan(measure, probe, full, log_gradients, pictures=full and step > 0, exponents=probe and self.takes_exponents(step))
+
+    def takes_exponents(self, step: int) -> bool:
+        """Whether the probe at probe step ``step`` takes the Lyapunov exponents: the first probe
+        step at or after each multiple of ``E`` = :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS`
+        logging intervals, i.e. ``step % E < probe_every_n_steps``, and the full passes.
+
+        The exponents cost about 0.4 of the probe (``benchmarks/lyapunov.py``): at the default
+        intervals every probe takes them, while a probe asked for on every step takes them every
+        ``E`` steps, not every step. Stateless, so a resumed run takes them where the first run did.
+        """
+        exponent_interval = PROBE_EVERY_N_LOGS * self.log_every_n_steps
+        return step % exponent_interval < self.probe_every_n_steps or step % self.full_every_n_steps == 0
 
     def reset(self) -> None:
         """Forget which steps were measured (a new fit may count its steps from 0 again)."""
@@ -374,7 +392,8 @@ class TimestepTracker:
         self.grad_norms = dict(result.norms)
         self.saturation = dict(result.saturation)
         self.unmeasured = dict(result.unmeasured)
-        self.lyapunov = dict(result.lyapunov)
+        if result.exponents_taken:  # else the latest exponents stand
+            self.lyapunov = dict(result.lyapunov)
         for key, exponents in result.lyapunov.items():
             finite = exponents[torch.isfinite(exponents)]
             if len(exponents) and math.isfinite(float(exponents[0])):

@@ -13,7 +13,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from conftest import PLSequenceModel, tensorboard_events, trainer_kwargs
-from lightning_gradhealth import GradHealth, GradHealthMonitor
+from lightning_gradhealth import GradHealth, GradHealthMonitor, tags
+from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.lyapunov import fused_lyapunov_exponents
 
 
@@ -30,11 +31,11 @@ def test_a_fit_keeps_logs_and_reports_the_exponents_of_the_sampled_batch(tmp_pat
     health = GradHealth(log_every_n_steps=2, lyapunov_k=3)
     last = KeepLastBatch()
     model = PLSequenceModel(lambda: nn.LSTM(3, 8, num_layers=2, bidirectional=True, batch_first=True), output_width=16)
-    trainer = pytorch_lightning.Trainer(callbacks=[health, last], **trainer_kwargs(max_steps=5, logger=logger))
+    trainer = pytorch_lightning.Trainer(callbacks=[health, last], **trainer_kwargs(max_steps=17, logger=logger))
     trainer.fit(model)
 
     assert set(health.lyapunov_exponents) == {key for key in health.timestep_grad_norms if not key.endswith(".cell")}
-    x = last.batch[0].transpose(0, 1)  # step 4 is the last sampled step
+    x = last.batch[0].transpose(0, 1)  # step 16 is the last sampled step
     zeros = torch.zeros(4, x.shape[1], 8)
     expected = fused_lyapunov_exponents(last.model.rnn, x, zeros, zeros, k=3)
     for (layer, reverse), exponents in expected.items():
@@ -42,9 +43,11 @@ def test_a_fit_keeps_logs_and_reports_the_exponents_of_the_sampled_batch(tmp_pat
         torch.testing.assert_close(health.lyapunov_exponents[key], exponents, rtol=1e-5, atol=1e-6)
 
     events = tensorboard_events(logger.log_dir)
-    assert [e.step for e in events.Scalars("gradhealth/rnn.l1_reverse/lyapunov_max")] == [0, 2, 4]
-    assert events.Scalars("gradhealth/rnn.l0/lyapunov_max")[-1].value == pytest.approx(float(expected[0, False][0]), rel=1e-5)
-    assert "gradhealth/rnn.l0/lyapunov" in events.Tags()["histograms"]
+    # the probe runs every 2 steps, the exponents every PROBE_EVERY_N_LOGS x 2 = 16
+    assert len(health.timestep_history["rnn.l0"]) == 9
+    assert [e.step for e in events.Scalars(tags.layer_tag(LayerKey("rnn", 1, reverse=True), tags.LYAPUNOV_MAX))] == [0, 16]
+    assert events.Scalars(tags.layer_tag(LayerKey("rnn", 0), tags.LYAPUNOV_MAX))[-1].value == pytest.approx(float(expected[0, False][0]), rel=1e-5)
+    assert tags.layer_tag(LayerKey("rnn", 0), tags.LYAPUNOV) in events.Tags()["histograms"]
 
     row = next(row for row in health.health_report.rows() if row["layer"] == "rnn.l0")
     exponent = float(health.lyapunov_exponents["rnn.l0"][0])
