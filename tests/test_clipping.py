@@ -8,6 +8,7 @@ import functools
 import math
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -358,26 +359,113 @@ def test_clip_grads_dispatches_to_the_mode(clip, function):
 # ---------------------------------------------------------------------- threshold suggestion
 
 
-def test_threshold_suggester_averages_finite_norms_over_enough_updates():
-    suggester = ClipThresholdSuggester(multiple=1.5, min_updates=100)
-    for step in range(1, 100):
-        suggester.update(torch.tensor(float(step)))
-    suggester.update(torch.tensor(float("nan")))
-    assert suggester.suggest() is None  # 99 finite norms: not enough yet
-    suggester.update(torch.tensor(100.0, dtype=torch.float64))
-    assert suggester.suggest() == pytest.approx(1.5 * 50.5)  # mean of 1..100
-
-    restored = ClipThresholdSuggester(multiple=1.5, min_updates=100)
-    restored.load_state_dict(suggester.state_dict())
-    assert restored.state_dict() == {"count": 100, "mean": pytest.approx(50.5)}
-    for copy_ in (suggester, restored):
-        copy_.update(torch.tensor(202.0))
-    assert restored.suggest() == pytest.approx(suggester.suggest()) == pytest.approx(1.5 * 52.0)
+def _fed(norms: list[float], **kwargs: Any) -> ClipThresholdSuggester:
+    suggester = ClipThresholdSuggester(**kwargs)
+    for norm in norms:
+        suggester.update(torch.tensor(norm))
+    return suggester
 
 
-@pytest.mark.parametrize("kwargs", [{"multiple": 0.0}, {"multiple": math.inf}, {"min_updates": 0}])
-def test_threshold_suggester_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match="multiple|min_updates"):
+def _float32(norms: np.ndarray) -> np.ndarray:
+    """The norms as the suggester keeps them (float32), for the numpy reference."""
+    return norms.astype(np.float32).astype(np.float64)
+
+
+def test_threshold_suggester_is_numpys_median_of_the_finite_norms_and_huge_outliers_barely_move_it():
+    rng = np.random.default_rng(0)
+    norms = rng.lognormal(mean=3.0, sigma=0.5, size=300)  # about 20, as a ReLU RNN's usual steps
+    norms[[40, 41, 42, 200, 299]] = [2.07e9, 7.8e3, 1.3e6, 5e8, 1e12]  # one exploding stretch, and more
+    fed = [*norms[:100], math.nan, *norms[100:250], math.inf, *norms[250:]]
+    suggester = _fed(fed, min_updates=300)
+    finite = _float32(norms)
+    assert suggester.suggest() == pytest.approx(np.median(finite), rel=1e-12)
+    assert suggester.suggest() < 2 * np.median(norms[norms < 1e3])  # the outliers do not drive it
+    assert np.mean(norms) > 1e9  # where the mean would have gone
+    assert suggester.state_dict()["count"] == 300
+
+
+@pytest.mark.parametrize(
+    "percentile, multiple, window", [(90.0, 1.0, 1000), (10.0, 2.0, 1000), (75.0, 1.5, 64), (0, 1, 7), (100, 1, 7)]
+)
+def test_threshold_suggester_is_numpys_percentile_of_the_trailing_window(percentile, multiple, window):
+    norms = np.random.default_rng(1).lognormal(mean=0.0, sigma=2.0, size=250)
+    suggester = _fed(list(norms), multiple=multiple, percentile=percentile, window=window, min_updates=min(window, 5))
+    expected = multiple * np.percentile(_float32(norms[-window:]), percentile)
+    assert suggester.suggest() == pytest.approx(expected, rel=1e-12)
+
+
+def test_threshold_suggester_waits_for_enough_finite_norms_in_its_window():
+    suggester = _fed([1.0, 2.0, math.nan, 3.0], min_updates=4, window=5)
+    assert suggester.suggest() is None  # three finite norms
+    suggester.update(torch.tensor(4.0, dtype=torch.float64))
+    assert suggester.suggest() == 2.5
+    suggester.update(torch.tensor(math.inf))  # 1.0 leaves the window, an Inf takes the place
+    assert suggester.suggest() is None
+
+
+def test_threshold_suggester_state_round_trips_and_goes_on_like_the_original():
+    norms = list(np.random.default_rng(2).lognormal(size=40))
+    original = _fed(norms[:30] + [math.nan], window=16, min_updates=10)
+    restored = ClipThresholdSuggester(window=16, min_updates=10)
+    restored.load_state_dict(original.state_dict())
+    assert restored.state_dict()["count"] == 30
+    np.testing.assert_equal(restored.state_dict()["norms"], [*_float32(np.array(norms[15:30])), math.nan])  # NaN held a place
+    for suggester in (original, restored):
+        for norm in norms[30:]:
+            suggester.update(torch.tensor(norm))
+    window = _float32(np.array(norms[25:]))  # the latest 16 updates: 5 norms, the NaN, 10 norms
+    assert restored.suggest() == original.suggest() == pytest.approx(np.median(window), rel=1e-12)
+
+    shorter = ClipThresholdSuggester(window=4, min_updates=4)
+    shorter.load_state_dict(original.state_dict())  # keeps the latest norms of a longer window
+    assert shorter.state_dict()["norms"] == original.state_dict()["norms"][-4:] == list(_float32(np.array(norms[-4:])))
+
+
+def test_threshold_suggester_loads_the_earlier_running_mean_state():
+    suggester = ClipThresholdSuggester(min_updates=2)
+    suggester.load_state_dict({"count": 250, "mean": 12.5})  # what the running-mean suggester saved
+    assert suggester.state_dict() == {"count": 250, "norms": []}
+    assert suggester.suggest() is None  # a mean is not a median: the window refills
+    for norm in (3.0, 1.0, 2.0):
+        suggester.update(torch.tensor(norm))
+    assert suggester.suggest() == 2.0 and suggester.state_dict()["count"] == 253
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"count": 1},
+        {"count": -1, "norms": []},
+        {"count": 1, "norms": [1.0, 2.0]},
+        {"count": 1, "norms": [1.0, 2.0, math.nan]},
+        {"count": 2, "norms": [1.0, "2"]},
+        {"count": math.inf, "mean": 1.0},
+        {"count": 2, "mean": math.nan},
+        {"count": 1.5, "norms": [1.0]},
+    ],
+)
+def test_threshold_suggester_refuses_a_malformed_state_and_keeps_its_own(state):
+    suggester = _fed([1.0, 2.0], min_updates=1)
+    with pytest.raises(ValueError, match="expected"):
+        suggester.load_state_dict(state)
+    assert suggester.state_dict() == {"count": 2, "norms": [1.0, 2.0]}
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"multiple": 0.0}, "multiple"),
+        ({"multiple": math.inf}, "multiple"),
+        ({"min_updates": 0}, "min_updates"),
+        ({"min_updates": 11, "window": 10}, "min_updates"),
+        ({"percentile": 101}, "percentile"),
+        ({"percentile": math.nan}, "percentile"),
+        ({"window": 0}, "window"),
+        ({"window": 10.0}, "window"),
+    ],
+)
+def test_threshold_suggester_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
         ClipThresholdSuggester(**kwargs)
 
 
