@@ -500,7 +500,9 @@ class GradHealth(CallbackBase):
             step, amp_scaler_active=_amp_scaler(trainer) is not None, optimizer_steps=trainer.global_step
         )
         if trainer.is_global_zero:
-            write_outputs(trainer.loggers, self._writers, self.monitor.end_of_fit(step), step, self._picture_failed)
+            # the first fit of this callback and its copies draws its final pictures; a refit only after a long run
+            pictures = True if self._family.fits == 0 else None
+            write_outputs(trainer.loggers, self._writers, self.monitor.end_of_fit(step, pictures), step, self._picture_failed)
         self._family.fits += 1
         if self._origin is not None and self._family.fits > 1:  # a refit of a copy (a retrain loop): one line
             title = self.health_report.format().splitlines()[0]

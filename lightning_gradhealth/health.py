@@ -35,6 +35,34 @@ given as a measurement. The verdict is "vanishing", its reason saying "below", w
 under the vanishing threshold (always, unless :math:`g_{T-1}` itself is within a factor
 ``1 / vanish_below`` of :math:`\epsilon_{\min}`: then nothing is decided, "unmeasured").
 
+The layer or the loss. A transmission far below 0 has two causes that call for opposite
+responses: the layer cannot carry gradient (it forgets), or the loss does not ask it to (it reads
+the last steps only, or sends its gradient into directions the layer lets fade). The layer's
+largest Lyapunov exponent :math:`\lambda_1` (:mod:`~lightning_gradhealth.lyapunov`) measures the
+layer whatever the loss: :math:`e^{\lambda_1 (T - 1)}` is the most that the product of its
+state-to-state Jacobians keeps of any perturbation over the T - 1 steps from the first state to
+the last, and the transposed product carries dL/dh back over the same steps with the same
+singular values. So :func:`carried_decades`, :math:`\lambda_1 (T - 1) / \ln 10`, is the best
+transmission the layer could give any gradient entering at the last step. The rule:
+
+- the gradient vanishes (transmission below :math:`\log_{10}` ``vanish_below``) and the layer
+  carries (``carried_decades`` at or above that threshold): the loss only asks for short memory.
+  The verdict is "healthy", its reason saying so (:data:`SHORT_MEMORY`);
+- the gradient vanishes and the layer cannot carry it across the sequence: "vanishing", with the
+  layer's own numbers (:math:`\lambda_1`, the steps over which it keeps a gradient within
+  ``1 / vanish_below``, the saturation, and for a plain RNN the bound :math:`\sigma_{\max}` of
+  its recurrent matrix puts on every step, tanh and ReLU having slopes of at most 1);
+- the gradient grows toward the first step (transmission above :math:`\log_{10}`
+  ``explode_above``) while the layer contracts (:math:`\lambda_1 \le 0`): the growth is the
+  loss's, whose gradient is larger at the early steps (:data:`EARLY_LOSS`), "healthy" too;
+  with :math:`\lambda_1 > 0`, "exploding";
+- without :math:`\lambda_1` (``lyapunov_k=0``, a custom cell) the transmission decides alone,
+  and the reason says that the cause was not told apart.
+
+The exponent comes from the probe's sampled sequences and a fixed starting frame, which can only
+underestimate the growth of the most persistent direction: the rule errs toward "vanishing",
+never toward hiding a layer that forgets.
+
 Examples:
     >>> import torch
     >>> summary = summarize_timesteps(torch.tensor([1e-4, 1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64))
@@ -45,6 +73,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,16 +83,33 @@ from torch import Tensor
 from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, SATURATED_TANH, SATURATING_ABOVE, VANISH_BELOW
 
 __all__ = [
+    "EARLY_LOSS",
+    "REPORT_WIDTH",
+    "SHORT_MEMORY",
     "VERDICTS",
     "HealthReport",
     "LayerHealth",
+    "LayerKind",
     "SpectrumSummary",
     "TimestepSummary",
+    "advice",
+    "carried_decades",
     "describe_rate",
     "diagnose_timesteps",
     "layer_verdict",
     "summarize_timesteps",
 ]
+
+REPORT_WIDTH = 100
+"""Advice paragraphs (in the report and the notices) are wrapped to this many characters a line."""
+
+SHORT_MEMORY = "short_memory"
+"""The condition of a layer whose gradient through time vanishes while the layer itself carries
+it (see the module docs): the loss asks for short memory only. Not a problem."""
+
+EARLY_LOSS = "early_loss"
+"""The condition of a layer whose gradient through time grows toward the first step while the
+layer itself contracts: the loss's gradient is larger at the early steps. Not a problem."""
 
 
 @dataclass(frozen=True)
@@ -157,26 +203,57 @@ def summarize_timesteps(norms: Tensor, horizon_factor: float = HORIZON_FACTOR, r
     return TimestepSummary(steps, first, last, transmission, rate, horizon, True, unresolved_first, floor)
 
 
+def carried_decades(lyapunov_max: float, steps: int) -> float:
+    r"""The most the layer's dynamics keep of a gradient over ``steps`` timesteps, in decades:
+    :math:`\lambda_1 (T - 1) / \ln 10`, from its largest Lyapunov exponent (natural log per step).
+
+    0 means the layer's most persistent direction neither fades nor grows over the sequence;
+    -14 means that every gradient entering at the last step is at least 1e14 times smaller at
+    the first; -inf for :math:`\lambda_1 = -\infty` (a direction mapped to zero: nothing carried).
+
+    Examples:
+        >>> round(carried_decades(-0.33, 100), 2), round(carried_decades(-0.01, 100), 2)
+        (-14.19, -0.43)
+    """
+    if steps <= 1:
+        return 0.0
+    return lyapunov_max * (steps - 1) / math.log(10)
+
+
 def diagnose_timesteps(
-    summary: TimestepSummary, vanish_below: float = VANISH_BELOW, explode_above: float = EXPLODE_ABOVE
+    summary: TimestepSummary,
+    vanish_below: float = VANISH_BELOW,
+    explode_above: float = EXPLODE_ABOVE,
+    lyapunov_max: Optional[float] = None,
 ) -> Optional[str]:
-    """``"nonfinite"``, ``"vanishing"``, ``"exploding"`` or ``None`` (healthy) for one summary.
+    """``"nonfinite"``, ``"vanishing"``, ``"exploding"``, :data:`SHORT_MEMORY`, :data:`EARLY_LOSS`
+    or ``None`` (healthy) for one summary; the last three are not problems.
 
     Vanishing: the gradient at the first step is below ``vanish_below`` times the gradient at
     the last step (transmission < log10(vanish_below)); exploding: above ``explode_above`` times.
     An underflowed first step (``transmission`` a bound) is vanishing when the bound is below
-    the threshold, and never exploding.
+    the threshold, and never exploding. With the layer's largest Lyapunov exponent
+    ``lyapunov_max`` the cause is told apart (module docs): a vanishing gradient through a layer
+    that carries it (:func:`carried_decades` at or above log10(``vanish_below``)) is
+    :data:`SHORT_MEMORY`; a growing one through a layer that contracts (``lyapunov_max <= 0``)
+    is :data:`EARLY_LOSS`.
 
     Examples:
-        >>> diagnose_timesteps(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])))
+        >>> summary = summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0]))
+        >>> diagnose_timesteps(summary), diagnose_timesteps(summary, lyapunov_max=-0.01)
+        ('vanishing', 'short_memory')
+        >>> diagnose_timesteps(summary, lyapunov_max=-3.5)
         'vanishing'
     """
     if not summary.finite:
         return "nonfinite"
+    known = lyapunov_max is not None and not math.isnan(lyapunov_max)
     if summary.transmission < math.log10(vanish_below):
+        if known and carried_decades(lyapunov_max, summary.steps) >= math.log10(vanish_below):  # type: ignore[arg-type]
+            return SHORT_MEMORY
         return "vanishing"
     if summary.transmission > math.log10(explode_above) and not summary.transmission_is_bound:
-        return "exploding"
+        return EARLY_LOSS if known and lyapunov_max <= 0 else "exploding"  # type: ignore[operator]
     return None
 
 
@@ -223,6 +300,8 @@ class LayerHealth:
         reason: the verdict's evidence, in numbers.
         lyapunov_max: the latest largest Lyapunov exponent of the layer's dynamics, natural log
             per step (:mod:`~lightning_gradhealth.lyapunov`; ``None``: not computed).
+        advice: for a vanishing or exploding layer, what usually helps it (:func:`advice`), one
+            sentence; ``None`` otherwise.
     """
 
     layer: str
@@ -234,6 +313,133 @@ class LayerHealth:
     verdict: str
     reason: str
     lyapunov_max: Optional[float] = None
+    advice: Optional[str] = None
+
+
+_CELL_NAMES = {"rnn_tanh": "tanh RNN", "rnn_relu": "ReLU RNN", "lstm": "LSTM", "gru": "GRU", "custom": "custom recurrent layer"}
+
+_CARRYING_INITS = ("orthogonal", "identity")
+"""Init schemes that already give every recurrent gate block singular values of 1."""
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What a layer is and what was done to it, for the verdict's evidence and the advice.
+
+    Attributes:
+        cell_type: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"``, ``"gru"``, ``"custom"`` (a
+            ``custom`` matrix), or ``None`` (not known: a custom cell).
+        init: what GradHealth's init wrote to the hidden-to-hidden matrix, as the init report
+            words it (``"orthogonal"``, ``"uniform +-0.01"``, ``"glorot (fan 8+8) x2"``); ``None``:
+            left as it was (the framework's default init with ``init=None``, or weights kept).
+        clipping: whether gradients are clipped already (by GradHealth or the Trainer).
+    """
+
+    cell_type: Optional[str] = None
+    init: Optional[str] = None
+    clipping: bool = False
+
+    @property
+    def described(self) -> str:
+        """E.g. ``"GRU, orthogonal init"`` or ``"LSTM, PyTorch's default init"``."""
+        init = "its init left as it was (PyTorch's default unless loaded)" if self.init is None else f"{self.init} init"
+        return f"{_CELL_NAMES.get(self.cell_type or '', 'layer')}, {init}"
+
+
+def advice(condition: str, kind: LayerKind = LayerKind(), steps: Optional[int] = None, saturation: Optional[float] = None) -> str:
+    """What usually helps a ``"vanishing"``, ``"exploding"`` or ``"nonfinite"`` layer, as one
+    sentence, leaving out what the layer already is or has (its cell type, its init, clipping).
+
+    Vanishing: orthogonal init (identity too for a ReLU RNN, Le et al. 2015) unless the layer has
+    one of them; a gated cell instead of a plain RNN; for an LSTM chrono forget-gate biases
+    (Tallec & Ollivier 2018) for dependencies up to ``steps``; for a GRU a positive update-gate
+    bias, its counterpart (h_t = (1 - z_t) n_t + z_t h_(t-1) keeps more of h_(t-1) as z_t nears 1);
+    smaller inputs when more than :data:`~lightning_gradhealth.defaults.SATURATING_ABOVE` of the
+    tanh units saturate; a shorter sequence when the dependencies are shorter. Exploding:
+    clipping unless on (else a lower ``clip_val``), orthogonal init unless the layer has it (a
+    gain of 1 if it has a larger one), a bounded nonlinearity for a ReLU RNN, a lower learning rate.
+
+    Examples:
+        >>> print(advice("vanishing", LayerKind("gru", "orthogonal"), steps=100))
+        What usually helps this layer (GRU, orthogonal init): a positive update-gate bias (the z block of \
+bias_hh_l*), so that h_t keeps more of h_(t-1), the GRU's counterpart of chrono init; or a shorter sequence or \
+truncated BPTT, when the dependencies the task needs are shorter than 100 steps.
+    """
+    cell, init = kind.cell_type, kind.init
+    scheme = (init or "").split(" ")[0]
+    helps: list[str] = []
+    if condition == "vanishing":
+        if scheme not in _CARRYING_INITS:
+            helps.append(
+                'orthogonal init of the recurrent matrices (GradHealth(init="orthogonal"))'
+                + (' or identity init (init="identity", the IRNN)' if cell == "rnn_relu" else "")
+            )
+        elif cell == "rnn_relu" and scheme != "identity":
+            helps.append('identity init (GradHealth(init="identity"), the IRNN)')
+        if cell in ("rnn_tanh", "rnn_relu"):
+            helps.append("an LSTM or GRU instead of a plain RNN")
+        if cell == "lstm":
+            horizon = steps or "T"
+            helps.append(
+                f"chrono forget-gate biases for dependencies up to {horizon} steps (chrono_t_max={horizon}), if not set already"
+            )
+        if cell == "gru":
+            helps.append(
+                "a positive update-gate bias (the z block of bias_hh_l*), so that h_t keeps more of h_(t-1), "
+                "the GRU's counterpart of chrono init"
+            )
+        if saturation is not None and saturation > SATURATING_ABOVE:
+            helps.append(f"smaller or normalized inputs ({saturation:.0%} of the tanh units are saturated)")
+        helps.append(
+            "a shorter sequence or truncated BPTT, when the dependencies the task needs are shorter than "
+            + (f"{steps} steps" if steps else "the sequence")
+        )
+    else:
+        clip = 'gradient clipping (GradHealth(clip="norm", clip_val=1.0))'
+        helps.append("a lower clip_val (clipping is on)" if kind.clipping else clip)
+        if scheme not in _CARRYING_INITS:
+            helps.append('orthogonal init of the recurrent matrices (GradHealth(init="orthogonal"))')
+        elif " x" in (init or ""):
+            helps.append("a gain of 1 for the recurrent init")
+        if cell == "rnn_relu":
+            helps.append("a tanh RNN, LSTM or GRU instead of a ReLU RNN")
+        helps.append("a lower learning rate")
+        if condition == "nonfinite":
+            helps.insert(0, "checking the loss and the input data for NaN/Inf")
+    listed = "; ".join(helps[:-1]) + ("; or " if len(helps) > 1 else "") + helps[-1]
+    return f"What usually helps this layer ({kind.described}): {listed}."
+
+
+def _layer_evidence(
+    carried: Optional[float],
+    lyapunov_max: Optional[float],
+    steps: int,
+    vanish_below: float,
+    kind: LayerKind,
+    spectrum: Optional[SpectrumSummary],
+) -> str:
+    """Why the layer itself cannot carry a gradient across ``steps`` steps, in its own numbers."""
+    decades = -math.log10(vanish_below)
+    parts = []
+    if carried is not None and lyapunov_max is not None:
+        if math.isinf(carried):
+            parts.append("lambda_1 = -inf: on this batch the layer maps a perturbation of its state to zero, nothing is carried")
+        else:
+            keeps = decades / abs(lyapunov_max) if lyapunov_max < 0 else math.inf
+            parts.append(
+                f"the layer itself forgets: lambda_1 = {lyapunov_max:+.3g} per step, so even its most persistent direction "
+                f"fades 10^{carried:+.1f} over the {steps - 1} steps (it keeps a gradient within 10^-{decades:g} for "
+                f"{keeps:.0f} steps)"
+            )
+    sigma_max = math.nan if spectrum is None else spectrum.sigma_max
+    if kind.cell_type in ("rnn_tanh", "rnn_relu") and 0 < sigma_max < 1:
+        bound = (steps - 1) * math.log10(sigma_max)
+        parts.append(
+            f"sigma_max of weight_hh is {sigma_max:.3g} < 1 at step {spectrum.step}, so every step shrinks every "  # type: ignore[union-attr]
+            f"perturbation of the state at least that much (a {kind.cell_type[4:]} slope is at most 1): at most "
+            f"10^{bound:+.1f} over the sequence"
+        )
+    return "; ".join(parts)
 
 
 def layer_verdict(
@@ -243,6 +449,9 @@ def layer_verdict(
     explode_above: float = EXPLODE_ABOVE,
     saturating_above: float = SATURATING_ABOVE,
     unmeasured_reason: Optional[str] = None,
+    lyapunov_max: Optional[float] = None,
+    kind: LayerKind = LayerKind(),
+    spectrum: Optional[SpectrumSummary] = None,
 ) -> tuple[str, str]:
     """The verdict on one layer and its reason in numbers: ``(verdict, reason)``.
 
@@ -250,17 +459,28 @@ def layer_verdict(
     NaN/Inf gradients through time are ``"exploding"``; a zero gradient at the last step (the loss
     does not reach the layer through time) is ``"unmeasured"``; then :func:`diagnose_timesteps`'
     ``"exploding"`` or ``"vanishing"`` (for an underflowed first step, "vanishing" below the
-    bound, or ``"unmeasured"`` when the bound decides nothing); then ``"saturating"`` when more
-    than ``saturating_above`` of the tanh candidate units are saturated; else ``"healthy"``.
+    bound, or ``"unmeasured"`` when the bound decides nothing), told apart from what the loss
+    causes by the layer's largest Lyapunov exponent ``lyapunov_max`` (module docs); then
+    ``"saturating"`` when more than ``saturating_above`` of the tanh candidate units are
+    saturated; else ``"healthy"``, which for a vanishing gradient through a layer that carries
+    says that the loss asks for short memory only.
+
+    The reason of ``"vanishing"`` names the layer's own evidence: ``lyapunov_max``, the saturation,
+    and for a plain RNN (``kind.cell_type``) whose recurrent matrix has a ``spectrum`` with
+    ``sigma_max`` < 1 the bound it puts on every step (the spectrum's step is named: it may be
+    later than the probe's).
 
     Examples:
-        >>> layer_verdict(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])))
-        ('vanishing', '||dL/dh|| falls 10^-5.0 over 3 steps back (x0.0032 per step); horizon 2 of 3 steps')
+        >>> layer_verdict(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])))[0]
+        'vanishing'
         >>> verdict, reason = layer_verdict(summarize_timesteps(torch.tensor([0.0, 1e-20, 1.0])))   # float32
         >>> verdict, reason.split(" (")[0]
         ('vanishing', '||dL/dh|| falls below 10^-37.9 over 3 steps back: it underflows below 1.2e-38')
         >>> layer_verdict(summarize_timesteps(torch.tensor([0.5, 1.0])), saturation=0.8)[0]
         'saturating'
+        >>> verdict, reason = layer_verdict(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])), lyapunov_max=-0.01)
+        >>> verdict, reason.split(":")[0]
+        ('healthy', 'the loss asks for short memory only')
     """
     if summary is None:
         if unmeasured_reason is not None:
@@ -271,7 +491,7 @@ def layer_verdict(
             f"||dL/dh|| is 0 at the layer's last step: the loss does not reach it through time ({summary.steps} steps)"
         )
     saturated = "" if saturation is None else f"; {saturation:.0%} of tanh units saturated"
-    condition = diagnose_timesteps(summary, vanish_below, explode_above)
+    condition = diagnose_timesteps(summary, vanish_below, explode_above, lyapunov_max)
     if condition == "nonfinite":
         return "exploding", f"||dL/dh_t|| is NaN/Inf over its {summary.steps} steps"
     trend = f"over {summary.steps} steps back ({describe_rate(summary)})"
@@ -280,19 +500,24 @@ def layer_verdict(
     underflow = f"it underflows below {summary.floor:.2g} (the smallest normal float) at the layer's first " + (
         "step" if summary.underflow_steps == 1 else f"{summary.underflow_steps} steps"
     )
+    known = lyapunov_max is not None and not math.isnan(lyapunov_max)
+    carried = carried_decades(lyapunov_max, summary.steps) if known else None  # type: ignore[arg-type]
     if condition == "exploding":
-        return "exploding", f"||dL/dh|| grows 10^{summary.transmission:+.1f} {trend}{saturated}"
-    if condition == "vanishing" and summary.transmission_is_bound:
-        return "vanishing", (
-            f"||dL/dh|| falls below 10^{summary.transmission:+.1f} over {summary.steps} steps back: {underflow} "
-            f"({describe_rate(summary)}); horizon {summary.horizon} of {summary.steps} steps{saturated}"
-        )
+        cause = f"; the layer amplifies: lambda_1 = {lyapunov_max:+.3g} per step" if known else ""
+        return "exploding", f"||dL/dh|| grows 10^{summary.transmission:+.1f} {trend}{cause}{saturated}"
     if condition == "vanishing":
-        return "vanishing", (
-            f"||dL/dh|| falls 10^{summary.transmission:+.1f} {trend}; "
-            f"horizon {summary.horizon} of {summary.steps} steps{saturated}"
+        falls = (
+            f"||dL/dh|| falls below 10^{summary.transmission:+.1f} over {summary.steps} steps back: {underflow} "
+            f"({describe_rate(summary)})"
+            if summary.transmission_is_bound
+            else f"||dL/dh|| falls 10^{summary.transmission:+.1f} {trend}"
         )
-    if summary.transmission_is_bound:
+        evidence = _layer_evidence(carried, lyapunov_max, summary.steps, vanish_below, kind, spectrum)
+        if not known:
+            untold = "whether the layer or the loss causes it is not told apart without lambda_1 (lyapunov_k > 0)"
+            evidence = "; ".join(part for part in (evidence, untold) if part)
+        return "vanishing", f"{falls}; horizon {summary.horizon} of {summary.steps} steps{saturated}; {evidence}"
+    if summary.transmission_is_bound and condition != SHORT_MEMORY:
         return "unmeasured", (
             f"||dL/dh|| is only {summary.last_norm:.3g} at the layer's last step and {underflow}: the bound on its transmission, "
             f"10^{summary.transmission:+.1f}, decides nothing"
@@ -301,6 +526,22 @@ def layer_verdict(
         return "saturating", (
             f"{saturation:.0%} of tanh candidate units at |tanh| > {SATURATED_TANH:g}, where the gradient through them "
             f"is < {1 - SATURATED_TANH**2:.2g}x"
+        )
+    bound = "below " if summary.transmission_is_bound else ""
+    if condition == SHORT_MEMORY:
+        assert carried is not None and lyapunov_max is not None
+        return "healthy", (
+            f"the loss asks for short memory only: ||dL/dh|| falls {bound}10^{summary.transmission:+.1f} {trend}, horizon "
+            f"{summary.horizon} of {summary.steps}, but the layer carries gradient across the sequence (lambda_1 = "
+            f"{lyapunov_max:+.3g} per step: its most persistent direction keeps 10^{carried:+.1f} over "
+            f"{summary.steps - 1} steps); "
+            f"the loss's gradient enters at late steps or in directions the layer lets fade{saturated}"
+        )
+    if condition == EARLY_LOSS:
+        return "healthy", (
+            f"the loss weighs early steps more: ||dL/dh|| grows 10^{summary.transmission:+.1f} {trend} while the layer "
+            f"contracts (lambda_1 = {lyapunov_max:+.3g} per step), so the growth is the loss's own gradient, not the "
+            f"layer's{saturated}"
         )
     return "healthy", (
         f"transmission 10^{summary.transmission:+.1f} {trend}, horizon {summary.horizon} of {summary.steps}{saturated}"
@@ -389,7 +630,10 @@ class HealthReport:
             widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
             lines.append("  ".join(column.ljust(width) for column, width in widths.items()).rstrip())
             lines.extend("  ".join(row[column].ljust(width) for column, width in widths.items()).rstrip() for row in rows)
-            lines.extend(f"  {layer.layer}: {layer.verdict}: {layer.reason}" for layer in self.layers)
+            for layer in self.layers:
+                lines.append(f"  {layer.layer}: {layer.verdict}: {layer.reason}")
+                if layer.advice:
+                    lines.extend(textwrap.wrap(layer.advice, REPORT_WIDTH, initial_indent="    ", subsequent_indent="    "))
         else:
             lines.append("no recurrent layer found")
         return "\n".join(lines + self._footer())
@@ -401,7 +645,10 @@ class HealthReport:
         if rows:
             lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
             lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
-            lines += [""] + [f"- `{layer.layer}`: **{layer.verdict}**: {layer.reason}" for layer in self.layers]
+            lines += [""] + [
+                f"- `{layer.layer}`: **{layer.verdict}**: {layer.reason}" + (f" {layer.advice}" if layer.advice else "")
+                for layer in self.layers
+            ]
         return "\n".join(lines + [""] + self._footer())
 
 

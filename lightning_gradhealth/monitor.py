@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester
 from lightning_gradhealth.config import MonitorConfig, read_setting, refuse_setting
 from lightning_gradhealth.defaults import CHECKPOINT_FORMAT
-from lightning_gradhealth.health import HealthReport, LayerHealth, TimestepSummary, layer_verdict
+from lightning_gradhealth.health import HealthReport, LayerHealth, LayerKind, TimestepSummary, advice, layer_verdict
 from lightning_gradhealth.keys import LayerKey, by_name
 from lightning_gradhealth.layers import WeightRecord, find_recurrent_weights, parametrized_weights
 from lightning_gradhealth.model_init import InitRecord
@@ -112,7 +112,7 @@ class GradHealthMonitor:
         config = config if config is not None else MonitorConfig(**settings)
         self.notices = Notices() if warn is None else Notices(warn)
         self.schedule = Schedule(config.log_every_n_steps, config.full_every_n_steps, config.probe_every_n_steps)
-        self.timestep_tracker = TimestepTracker(config, self.notices)
+        self.timestep_tracker = TimestepTracker(config, self.notices, describe_layer=self.layer_kind)
         self.spectrum_tracker = SpectrumTracker(self.notices)
         self.gradient_tracker = GradientTracker(config, self.notices)
         self.config = config
@@ -332,18 +332,31 @@ class GradHealthMonitor:
             self.spectrum_tracker.finish(self.recurrent_weights)
         return self.report(step, optimizer_steps)
 
-    def end_of_fit(self, step: int) -> StepOutput:
+    def end_of_fit(self, step: int, pictures: Optional[bool] = None) -> StepOutput:
         """What to log at the step the fit ends (after :meth:`finish`): the final spectra's
-        scalars and histograms; with the eigenvalue pictures and the latest probe's curve and
-        heatmap when the run took a full pass after step 0 (``step > full_every_n_steps``: ``step``
-        counts the steps taken, the last of which is ``step - 1``),
-        so that a short fit, or each refit of a retrain loop, is not slowed by drawing."""
-        pictures = step > self.schedule.full_every_n_steps
+        scalars and histograms, finite values only; with ``pictures``, the eigenvalue pictures
+        and the latest probe's curve and heatmap. ``pictures=None`` draws them when the run took a
+        full pass after step 0 (``step > full_every_n_steps``: ``step`` counts the steps taken,
+        the last of which is ``step - 1``), so that each refit of a retrain loop is not slowed by
+        drawing (about 0.6 s per layer); the callback passes ``True`` at the end of the first fit
+        of a ``GradHealth`` and its copies, so that a short fit shows its final pictures too."""
+        if pictures is None:
+            pictures = step > self.schedule.full_every_n_steps
         output = StepOutput()
         self._guarded("spectra", output, lambda: self.spectrum_tracker.end_of_fit(self.recurrent_weights, step, pictures))
         if pictures and self.timestep_tracker.grad_norms:
             self._guarded("timestep pictures", output, lambda: self.timestep_tracker.pictures(step))
         return output
+
+    def layer_kind(self, key: LayerKey) -> LayerKind:
+        """What the layer under ``key`` is, for the verdict's evidence and the advice: its cell
+        type (from the recurrent weights found at :meth:`attach`; ``None`` for a custom cell), what
+        init wrote to it (:meth:`record_init`; ``None``: left as it was), and whether gradients
+        are clipped (``clip``, or clipping after GradHealth's such as the Trainer's)."""
+        first = key.first_call
+        cell_type = next((r.cell_type for r in self.recurrent_weights if r.layer_key == first and r.role == "recurrent"), None)
+        clipping = self.config.clip is not None or self.gradient_tracker.other_clipping is not None
+        return LayerKind(cell_type, self.init_schemes.get(first), clipping)
 
     def report(self, step: int, optimizer_steps: Optional[int] = None) -> HealthReport:
         """The health report from what was measured so far (``finish`` also takes the final spectra)."""
@@ -354,26 +367,36 @@ class GradHealthMonitor:
         for key in [*self.layer_keys, *later_calls]:
             summary = timesteps.summaries.get(key)
             saturation = timesteps.saturation.get(key)
+            lyapunov_max = _largest(timesteps.lyapunov.get(key))
+            record = matrices.get(key.first_call)
+            end = spectra.spectra.get(record.full_name) if record is not None else None
+            spectrum_end = None if end is None else summarize_spectrum(end, step)
+            kind = self.layer_kind(key)
             verdict, reason = layer_verdict(
                 summary,
                 saturation,
                 self.config.vanish_below,
                 self.config.explode_above,
                 unmeasured_reason=timesteps.unmeasured.get(key),
+                lyapunov_max=lyapunov_max,
+                kind=kind,
+                spectrum=spectrum_end,
             )
-            record = matrices.get(key.first_call)
-            end = spectra.spectra.get(record.full_name) if record is not None else None
+            helps = None
+            if summary is not None and verdict in ("vanishing", "exploding"):
+                helps = advice(verdict if summary.finite else "nonfinite", kind, summary.steps, saturation)
             layers.append(
                 LayerHealth(
                     layer=str(key),
                     init=self.init_schemes.get(key.first_call),
                     spectrum_start=spectra.start_summaries.get(key.first_call),
-                    spectrum_end=None if end is None else summarize_spectrum(end, step),
+                    spectrum_end=spectrum_end,
                     timesteps=summary,
                     saturation=saturation,
                     verdict=verdict,
                     reason=reason,
-                    lyapunov_max=_largest(timesteps.lyapunov.get(key)),
+                    lyapunov_max=lyapunov_max,
+                    advice=helps,
                 )
             )
         gradients = self.gradient_tracker

@@ -19,6 +19,7 @@ version of the package resumes.
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -47,7 +48,17 @@ from lightning_gradhealth.defaults import (
     HISTORY_SIZE,
     PROBE_EVERY_N_LOGS,
 )
-from lightning_gradhealth.health import SpectrumSummary, TimestepSummary, describe_rate, diagnose_timesteps, summarize_timesteps
+from lightning_gradhealth.health import (
+    REPORT_WIDTH,
+    LayerKind,
+    SpectrumSummary,
+    TimestepSummary,
+    advice,
+    carried_decades,
+    describe_rate,
+    diagnose_timesteps,
+    summarize_timesteps,
+)
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import WeightRecord
 from lightning_gradhealth.output import EigenvalueChart, StepOutput, TimestepCurve, TimestepHeatmap, bin_max, heatmap_bin_width
@@ -67,15 +78,6 @@ __all__ = [
     "thin_history",
 ]
 
-_HINTS = {
-    "vanishing": "what usually helps: orthogonal or identity init of the recurrent matrices "
-    "(GradHealth(init=\"orthogonal\")), an LSTM or GRU instead of a plain RNN, chrono biases for "
-    "long dependencies (chrono_t_max=T), or a shorter sequence / truncated BPTT",
-    "exploding": "what usually helps: gradient clipping (GradHealth(clip=\"norm\", clip_val=1.0)), orthogonal "
-    "init of the recurrent matrices (GradHealth(init=\"orthogonal\")), a lower learning rate",
-    "nonfinite": "the gradient through time is NaN or Inf: check the loss, the learning rate and the "
-    "input data; clipping and a lower learning rate usually help",
-}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -353,6 +355,9 @@ class TimestepTracker:
             norms per row, a longer probe's in bins of timesteps
             (:func:`~lightning_gradhealth.output.heatmap_bin_width`), the largest of each
             (:func:`~lightning_gradhealth.output.bin_max`).
+        describe_layer: gives the :class:`~lightning_gradhealth.health.LayerKind` of a layer key
+            (cell type, init, clipping), so that a notice's advice leaves out what the layer already
+            is (default: nothing known).
     """
 
     def __init__(
@@ -361,9 +366,11 @@ class TimestepTracker:
         notices: Notices,
         history_size: int = HISTORY_SIZE,
         history_columns: int = HEATMAP_COLUMNS,
+        describe_layer: Callable[[LayerKey], LayerKind] = lambda key: LayerKind(),
     ) -> None:
         self.config = config
         self.notices = notices
+        self.describe_layer = describe_layer
         self.history_size = history_size
         self.history_columns = history_columns
         self.grad_norms: dict[LayerKey, Tensor] = {}
@@ -380,10 +387,14 @@ class TimestepTracker:
     def update(self, result: ProbeResult, step: int) -> StepOutput:
         """Take one probe's result at ``step``: summaries, scalars, notices, a heatmap row.
 
-        The norms are logged as measured (``dh_norm_first``, ``dh_norm_last``: NaN/Inf when the
-        gradients are); a summary only when it is finite: a layer the loss does not reach has no
-        ``transmission``, one step no ``rate_per_step``, and an underflowed first step's
-        ``transmission`` is its finite bound (:mod:`~lightning_gradhealth.health`), named once.
+        Only finite values are logged: a layer whose ||dL/dh_t|| holds NaN/Inf logs no summary
+        and no norm (the notice names it, and the weights' gradients are counted in
+        ``gradhealth/nonfinite/steps``); a layer the loss does not reach has no ``transmission``,
+        one step no ``rate_per_step``, and an underflowed first step's ``transmission`` is its
+        finite bound (:mod:`~lightning_gradhealth.health`), named once. The vanishing and exploding
+        notices tell the layer from the loss by the layer's largest Lyapunov exponent, as the
+        report does (:func:`~lightning_gradhealth.health.diagnose_timesteps`): a vanishing gradient
+        through a layer that carries it is the loss asking for short memory, and no notice.
         The Lyapunov exponents are logged as ``lyapunov_max`` (the largest) and a histogram of all
         k; an exponent of -inf (a direction mapped to zero, e.g. by dead ReLU units) is in the
         report, not in TensorBoard, and a layer without exponents is named once with the reason.
@@ -408,17 +419,18 @@ class TimestepTracker:
             self.summaries[key] = summary
             values = (summary.transmission, float(summary.horizon), summary.rate_per_step, summary.first_norm, summary.last_norm)
             output.scalars.update(
-                {
-                    tags.layer_tag(key, name): value
-                    for name, value in zip(tags.TIMESTEP_SCALARS, values)
-                    if math.isfinite(value) or name.startswith("dh_norm")
-                }
+                {tags.layer_tag(key, name): value for name, value in zip(tags.TIMESTEP_SCALARS, values) if math.isfinite(value)}
             )
             if key in self.saturation:
                 output.scalars[tags.layer_tag(key, "saturation")] = self.saturation[key]
-            condition = diagnose_timesteps(summary, self.config.vanish_below, self.config.explode_above)
-            if condition is not None and key.state == "h":
-                self.notices.say((key, condition), self._notice(key, norms, summary, condition, step))
+            exponents = self.lyapunov.get(key)  # the latest taken: a probe without exponents keeps them
+            lyapunov_max = float(exponents[0]) if exponents is not None and len(exponents) else None
+            lyapunov_max = None if lyapunov_max is not None and math.isnan(lyapunov_max) else lyapunov_max
+            condition = diagnose_timesteps(summary, self.config.vanish_below, self.config.explode_above, lyapunov_max)
+            if condition in ("vanishing", "exploding", "nonfinite") and key.state == "h":
+                assert condition is not None
+                message = self._notice(key, norms, summary, condition, step, lyapunov_max)
+                self.notices.say((key, condition), message)
             rows = self._rows.get(key, [])
             width = heatmap_bin_width(len(norms), self.history_columns)
             row = _HeatmapRow(rows[-1].index + 1 if rows else 0, step, len(norms), bin_max(norms.numpy(), width))
@@ -429,10 +441,20 @@ class TimestepTracker:
         """The rows :func:`thin_history` keeps."""
         return [rows[position] for position in thin_history([row.index for row in rows], self.history_size)]
 
-    @staticmethod
-    def _notice(key: LayerKey, norms: Tensor, summary: TimestepSummary, condition: str, step: int) -> str:
-        """The message on a vanishing, exploding or NaN/Inf gradient through time, with the numbers
-        (an underflowed first step's transmission named as the bound it is)."""
+    def _notice(
+        self,
+        key: LayerKey,
+        norms: Tensor,
+        summary: TimestepSummary,
+        condition: str,
+        step: int,
+        lyapunov_max: Optional[float],
+    ) -> str:
+        """The message on a vanishing, exploding or NaN/Inf gradient through time: the numbers (an
+        underflowed first step's transmission named as the bound it is), the layer's own evidence
+        (its largest Lyapunov exponent), and the advice for what the layer is
+        (:func:`~lightning_gradhealth.health.advice`), as paragraphs wrapped to
+        :data:`~lightning_gradhealth.health.REPORT_WIDTH` characters."""
         trend = f"{describe_rate(summary)}, horizon {summary.horizon} of {summary.steps} steps"
         if condition == "nonfinite":
             numbers = f"||dL/dh_t|| is NaN or Inf at {int((~torch.isfinite(norms)).sum())} of its {summary.steps} steps"
@@ -449,7 +471,20 @@ class TimestepTracker:
                 f"||dL/dh|| is {summary.first_norm:.3g} at the layer's first step and {summary.last_norm:.3g} at its last "
                 f"({summary.steps} steps) (transmission {summary.transmission:+.2f} decades, {trend})"
             )
-        return f"{condition} gradients through time in {str(key)!r} at step {step}: {numbers}; {_HINTS[condition]}."
+        if lyapunov_max is not None and condition != "nonfinite":
+            carried = carried_decades(lyapunov_max, summary.steps)
+            verb = "forgets" if condition == "vanishing" else "amplifies"
+            numbers += (
+                f". The layer itself {verb}: lambda_1 = {lyapunov_max:+.3g} per step, 10^{carried:+.1f} over its "
+                f"{summary.steps - 1} steps"
+            )
+        kind = self.describe_layer(key)
+        saturation = self.saturation.get(key)
+        prefix = "GradHealth: "  # the notice's own, on the first line
+        situation = textwrap.fill(
+            f"{condition} gradients through time in {str(key)!r} at step {step}: {numbers}.", REPORT_WIDTH, initial_indent=prefix
+        )
+        return situation[len(prefix) :] + "\n" + textwrap.fill(advice(condition, kind, summary.steps, saturation), REPORT_WIDTH)
 
     def pictures(self, step: int) -> StepOutput:
         """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap."""
@@ -604,17 +639,21 @@ class SpectrumTracker:
         return output
 
     def _scalars(self, record: WeightRecord, values: dict[str, list[float]], finite: list[bool], step: int) -> StepOutput:
-        """Per-gate scalars of one matrix; its NaN/Inf gate blocks counted and named once."""
+        """Per-gate scalars of one matrix, the finite ones only (a logger cannot draw NaN/Inf: the
+        condition number of a singular block is left out); its NaN/Inf gate blocks counted and
+        named once."""
         output = StepOutput()
         for name, per_gate in values.items():
-            output.scalars.update({tags.gate_tag(record.layer_key, gate, name): v for gate, v in zip(record.gates, per_gate)})
+            output.scalars.update(
+                {tags.gate_tag(record.layer_key, gate, name): v for gate, v in zip(record.gates, per_gate) if math.isfinite(v)}
+            )
         if not all(finite):
             bad = [gate for gate, ok in zip(record.gates, finite) if not ok]
             output.scalars[tags.layer_tag(record.layer_key, "nonfinite_weight_blocks")] = float(len(bad))
             self.notices.say(
                 (record.full_name, "weights"),
-                f"{record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; "
-                "their spectra are logged as NaN.",
+                f"{record.full_name} holds NaN/Inf in gate blocks {', '.join(bad)} at step {step}; their spectra "
+                f"are NaN and not logged ({tags.layer_tag(record.layer_key, 'nonfinite_weight_blocks')} counts them).",
             )
         return output
 
