@@ -113,11 +113,16 @@ def custom_scalars_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     """The "Custom Scalars" page: one category per recurrent layer and one for gradient norms.
 
-    Per layer: transmission, horizon, the largest Lyapunov exponent (when they are computed,
-    ``lyapunov``), the spectral radius of every gate block, and sigma_max of every gate block on
-    one chart each (tags as regular expressions, one line per gate). Then the total gradient norm
-    before and after clipping, the clip coefficient and the NaN/Inf counts. The result is the
-    ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
+    One chart per quantity, as one tag regular expression: the Custom Scalars page colours the
+    lines of a chart by run (a symbol per tag), so two quantities on one chart of several runs
+    could not be told apart. Per layer: transmission, horizon, the largest Lyapunov exponent
+    (when they are computed, ``lyapunov``), the spectral radius and sigma_max (one chart each,
+    one line per gate block). Then the total gradient norm, and with ``clipping`` the norm after
+    clipping, the clip coefficient and the fraction of clipped steps, each on its own chart (one
+    line per optimizer when there are several); and the two NaN/Inf counts. The layout format
+    (``tensorboard.plugins.custom_scalar.layout_pb2``) holds no axis range: the count charts say
+    in their titles that a flat line at 0 means none. The result is the ``layout`` argument of
+    ``SummaryWriter.add_custom_scalars``.
 
     Examples:
         >>> layout = custom_scalars_layout([LayerKey("rnn", 0)], clipping=False)
@@ -125,27 +130,30 @@ def custom_scalars_layout(
         ['gradhealth rnn.l0', 'gradhealth gradient norms']
         >>> chart_type, tag_patterns = layout["gradhealth rnn.l0"]["spectral radius per gate"]
         >>> print(chart_type, *tag_patterns)
-        Multiline ^gradhealth/rnn\\.l0/[^/]+/spectral_radius$
+        Multiline ^gradhealth/rnn\\.l0/4_spectral_radius/[^/]+$
     """
+
+    def chart(pattern: str) -> list[Any]:
+        return ["Multiline", [pattern]]
+
     layout: dict[str, dict[str, list[Any]]] = {}
     for key in layer_keys:
-        layout[f"{tags.ROOT} {key}"] = {
-            "transmission (decades, last step back to first)": ["Multiline", [tags.layer_pattern(key, "transmission")]],
-            "horizon (steps that keep gradient)": ["Multiline", [tags.layer_pattern(key, "horizon")]],
-            **(
-                {"lambda_1, largest Lyapunov exponent (per step)": ["Multiline", [tags.layer_pattern(key, tags.LYAPUNOV_MAX)]]}
-                if lyapunov
-                else {}
-            ),
-            "spectral radius per gate": ["Multiline", [tags.gate_pattern(key, "spectral_radius")]],
-            "sigma_max per gate": ["Multiline", [tags.gate_pattern(key, "sigma_max")]],
+        charts = {
+            "transmission (decades, last step back to first)": chart(tags.layer_pattern(key, "transmission")),
+            "horizon (steps that keep gradient)": chart(tags.layer_pattern(key, "horizon")),
         }
-    norms = {
-        "gradient norm" + (" before / after clipping" if clipping else ""): ["Multiline", [tags.section_pattern("grad_norm")]]
-    }
+        if lyapunov:
+            charts["lambda_1, largest Lyapunov exponent (per step)"] = chart(tags.layer_pattern(key, tags.LYAPUNOV_MAX))
+        charts["spectral radius per gate"] = chart(tags.gate_pattern(key, "spectral_radius"))
+        charts["sigma_max per gate"] = chart(tags.gate_pattern(key, "sigma_max"))
+        layout[f"{tags.ROOT} {key}"] = charts
+    norms = {"gradient norm" + (" before clipping" if clipping else ""): chart(tags.optimizer_pattern("grad_norm", "total"))}
     if clipping:
-        norms["clip coefficient and clipped fraction"] = ["Multiline", [tags.section_pattern("clip")]]
-    norms["non-finite gradient steps"] = ["Multiline", [tags.section_pattern("nonfinite")]]
+        norms["gradient norm after clipping"] = chart(tags.optimizer_pattern("grad_norm", "total_clipped"))
+        norms["clip coefficient (1: not clipped)"] = chart(tags.optimizer_pattern("clip", "coefficient"))
+        norms["fraction of steps clipped since the last log"] = chart(tags.optimizer_pattern("clip", "clipped_steps_fraction"))
+    norms["steps with NaN/Inf gradients (count; a flat line at 0: none)"] = chart(tags.exact_pattern(tags.NONFINITE_STEPS))
+    norms["steps skipped for NaN/Inf (count; a flat line at 0: none)"] = chart(tags.exact_pattern(tags.NONFINITE_SKIPPED_STEPS))
     layout[f"{tags.ROOT} gradient norms"] = norms
     return layout
 

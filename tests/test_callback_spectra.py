@@ -24,17 +24,17 @@ def test_a_real_fit_writes_spectral_scalars_histograms_and_the_eigenvalue_pictur
     events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
     for gate in "ifgo":  # and at the end of fit (step 5), the final spectra
-        assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")] == [0, 2, 4, 5]
-        for name in ("sigma_min", "condition", "spectral_radius", "orth_error", "outside_unit_circle"):
-            assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/{name}")] == [0, 4, 5]
-        assert f"gradhealth/rnn.l0/{gate}/singular_values" in tags["histograms"]
-        assert f"gradhealth/rnn.l0/{gate}/eigenvalue_moduli" in tags["histograms"]
+        assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/5_sigma_max/{gate}")] == [0, 2, 4, 5]
+        for name in ("sigma_min", "condition", "4_spectral_radius", "orth_error", "outside_unit_circle"):
+            assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{name}/{gate}")] == [0, 4, 5]
+        assert f"gradhealth/rnn.l0/singular_values/{gate}" in tags["histograms"]
+        assert f"gradhealth/rnn.l0/eigenvalue_moduli/{gate}" in tags["histograms"]
         # step 0 is right after init: orthogonal per gate
-        assert events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")[0].value == pytest.approx(1.0, abs=1e-5)
-        assert events.Scalars(f"gradhealth/rnn.l0/{gate}/orth_error")[0].value == pytest.approx(0.0, abs=1e-5)
+        assert events.Scalars(f"gradhealth/rnn.l0/5_sigma_max/{gate}")[0].value == pytest.approx(1.0, abs=1e-5)
+        assert events.Scalars(f"gradhealth/rnn.l0/orth_error/{gate}")[0].value == pytest.approx(0.0, abs=1e-5)
     # pictures: none at step 0 (numbers only, right after init), then each full pass and the end of fit
     image = events.Images("gradhealth/rnn.l0/eigenvalues")
-    assert [i.step for i in image] == [4, 5] and image[0].width > 2 * 100 and image[0].height > 2 * 100  # 2 x 2 panels
+    assert [i.step for i in image] == [4, 5] and image[0].width >= 300 and image[0].height >= 300  # one panel, all gates
 
 
 def test_projections_are_non_square_singular_values_only(tmp_path):
@@ -47,9 +47,9 @@ def test_projections_are_non_square_singular_values_only(tmp_path):
     tags = events.Tags()
     # weight_hh gate blocks are 8 x 4 and weight_hr is 4 x 8: singular values, no eigenvalues
     for gate in ("i", "proj"):
-        assert events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_max")[0].value == pytest.approx(1.0, abs=1e-5)
-        assert f"gradhealth/rnn.l0/{gate}/singular_values" in tags["histograms"]
-        assert f"gradhealth/rnn.l0/{gate}/eigenvalue_moduli" not in tags["histograms"]
+        assert events.Scalars(f"gradhealth/rnn.l0/5_sigma_max/{gate}")[0].value == pytest.approx(1.0, abs=1e-5)
+        assert f"gradhealth/rnn.l0/singular_values/{gate}" in tags["histograms"]
+        assert f"gradhealth/rnn.l0/eigenvalue_moduli/{gate}" not in tags["histograms"]
     assert "gradhealth/rnn.l0/eigenvalues" not in tags["images"]
 
 
@@ -71,14 +71,14 @@ def test_logged_spectra_equal_numpy_on_the_weights_of_that_step(tmp_path):
     for step in (0, 3):
         for index, block in enumerate(np.split(weights.at_step[step], 3)):
             gate = "rzn"[index]
-            scalar = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/spectral_radius")}
+            scalar = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/4_spectral_radius/{gate}")}
             assert scalar[step] == pytest.approx(np.abs(np.linalg.eigvals(block)).max(), rel=1e-5)
-            sigma = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/{gate}/sigma_min")}
+            sigma = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/sigma_min/{gate}")}
             assert sigma[step] == pytest.approx(np.linalg.svd(block, compute_uv=False).min(), rel=1e-5)
     # the cheap pass on the steps between: warm-started sigma_max
     for step in (1, 2):
         for index, block in enumerate(np.split(weights.at_step[step], 3)):
-            scalar = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/{'rzn'[index]}/sigma_max")}
+            scalar = {e.step: e.value for e in events.Scalars(f"gradhealth/rnn.l0/5_sigma_max/{'rzn'[index]}")}
             assert scalar[step] == pytest.approx(np.linalg.svd(block, compute_uv=False).max(), rel=1e-3)
 
 

@@ -108,10 +108,10 @@ def test_scalars_and_pictures_reach_the_tensorboard_event_file(tmp_path):
     trainer.fit(PLSequenceModel())
     events = tensorboard_events(logger.log_dir)
     tags = events.Tags()
-    for name in ("transmission", "horizon", "rate_per_step", "dh_norm_first", "dh_norm_last"):
+    for name in ("1_transmission", "2_horizon", "rate_per_step", "dh_norm_first", "dh_norm_last"):
         assert f"gradhealth/rnn.l0/{name}" in tags["scalars"]
         assert [e.step for e in events.Scalars(f"gradhealth/rnn.l0/{name}")] == [0, 2, 4]
-    assert "gradhealth/rnn.l0.cell/transmission" in tags["scalars"]
+    assert "gradhealth/rnn.l0.cell/1_transmission" in tags["scalars"]
     last = events.Scalars("gradhealth/rnn.l0/dh_norm_last")[-1].value
     assert last == pytest.approx(health.timestep_grad_norms["rnn.l0"][-1].item(), rel=1e-6)
     for picture in ("timestep_grad_norms", "timestep_heatmap"):  # none at step 0; at the full pass and the end of fit

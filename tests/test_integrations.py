@@ -235,7 +235,7 @@ def test_ddp_two_processes_rank0_alone_writes_ranks_stay_identical_and_each_meas
     assert {int(path.name.split(".")[-2]) for path in event_files} == {rank0["pid"]}
     assert rank1["pid"] != rank0["pid"]
     events = tensorboard_events(tmp_path / "tb" / "skip" / "version_0")
-    assert [e.step for e in events.Scalars("gradhealth/rnn.l0/transmission")] == [0, 2]
+    assert [e.step for e in events.Scalars("gradhealth/rnn.l0/1_transmission")] == [0, 2]
     assert [(e.step, e.value) for e in events.Scalars("gradhealth/nonfinite/skipped_steps")] == [(0, 0.0), (2, 1.0)]
     assert [image.step for image in events.Images("gradhealth/rnn.l1/eigenvalues")] == [2, 4]  # a full pass, the end of fit
     assert {"gradhealth/config/text_summary", "gradhealth/report/text_summary"} <= set(events.Tags()["tensors"])
@@ -844,7 +844,7 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_is_indistinguishable_from_the_u
     assert state.keys() == expected.keys()
     for key in expected:
         assert _same(state[key], expected[key]), key
-    for tag in ("gradhealth/rnn.l1/f/sigma_max", "gradhealth/nonfinite/steps", "gradhealth/clip/clipped_steps_fraction"):
+    for tag in ("gradhealth/rnn.l1/5_sigma_max/f", "gradhealth/nonfinite/steps", "gradhealth/clip/clipped_steps_fraction"):
         after_resume = [(step, value) for step, value in _logged(uninterrupted_metrics, tag) if step >= 4]
         assert _logged(resumed_metrics, tag) == after_resume, tag
     assert resumed.health_report is not None and uninterrupted.health_report is not None

@@ -36,14 +36,14 @@ REPORT_HEADING = "GradHealth health report"
 # logged on every step (scalars) and on the full passes at steps 0 and 2 (spectra; pictures from
 # step 2 on: step 0 is numbers only); the spectra also at the end of fit (step 4), with pictures
 EVERY_STEP = (
-    "gradhealth/rnn.l0/transmission",
-    "gradhealth/rnn.l0/horizon",
-    "gradhealth/rnn.l0/i/sigma_max",
+    "gradhealth/rnn.l0/1_transmission",
+    "gradhealth/rnn.l0/2_horizon",
+    "gradhealth/rnn.l0/5_sigma_max/i",
     "gradhealth/grad_norm/total",
     "gradhealth/rnn.l0/weight_grad_norm",
 )
-FULL_PASS = ("gradhealth/rnn.l0/i/spectral_radius", "gradhealth/rnn.l0/f/orth_error")
-HISTOGRAMS = ("gradhealth/rnn.l0/i/singular_values", "gradhealth/rnn.l0/o/eigenvalue_moduli")
+FULL_PASS = ("gradhealth/rnn.l0/4_spectral_radius/i", "gradhealth/rnn.l0/orth_error/f")
+HISTOGRAMS = ("gradhealth/rnn.l0/singular_values/i", "gradhealth/rnn.l0/eigenvalue_moduli/o")
 IMAGES = ("gradhealth/rnn.l0/eigenvalues", "gradhealth/rnn.l0/timestep_grad_norms", "gradhealth/rnn.l0/timestep_heatmap")
 # the loggers rank_zero_info / rank_zero_warn / a module logger may write to, in either namespace
 _LOGGER_NAMES = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning_utilities", "lightning_gradhealth")
@@ -129,7 +129,7 @@ def _event_series(log_dir: str | Path) -> tuple[dict[str, dict[int, float]], dic
 
 def _steps_of(tag: str) -> list[int]:
     """The steps an every-step tag is logged at: every step, and a spectral one also at the end of fit."""
-    return list(range(STEPS)) + ([STEPS] if "/sigma_" in tag else [])
+    return list(range(STEPS)) + ([STEPS] if "sigma_max" in tag else [])
 
 
 def _assert_tensorboard_run_is_complete(log_dir: str | Path) -> dict[str, dict[int, float]]:
@@ -176,7 +176,7 @@ def test_csv_logger_alone_gets_every_scalar(csv_only: tuple[Fit, CSVLogger]) -> 
     for tag in FULL_PASS:
         assert sorted(series[tag]) == [0, 2, STEPS], tag
     assert all(math.isfinite(value) for tag in EVERY_STEP + FULL_PASS for value in series[tag].values())
-    assert series["gradhealth/rnn.l0/i/sigma_max"][0] == pytest.approx(1.0, abs=1e-5)  # orthogonal init
+    assert series["gradhealth/rnn.l0/5_sigma_max/i"][0] == pytest.approx(1.0, abs=1e-5)  # orthogonal init
     assert not any(name.endswith(("singular_values", "eigenvalue_moduli", "eigenvalues", "heatmap")) for name in series)
 
 

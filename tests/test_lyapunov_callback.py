@@ -65,7 +65,8 @@ def test_the_custom_scalars_layout_charts_lambda_1_per_layer(tmp_path):
     (tensor_event,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = Layout.FromString(tensor_event.tensor_proto.string_val[0])
     charts = {chart.title: chart for category in layout.category for chart in category.chart}
-    assert list(charts["lambda_1, largest Lyapunov exponent (per step)"].multiline.tag) == ["^gradhealth/rnn\\.l0/lyapunov_max$"]
+    lambda_1 = charts["lambda_1, largest Lyapunov exponent (per step)"]
+    assert list(lambda_1.multiline.tag) == ["^gradhealth/rnn\\.l0/3_lyapunov_max$"]
 
 
 def test_lyapunov_k_zero_computes_and_logs_none(tmp_path):

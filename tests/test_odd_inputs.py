@@ -248,7 +248,7 @@ def test_an_underflowing_gradient_is_vanishing_below_a_finite_bound_that_float64
     assert norms.dtype == torch.float32 and norms[0] == 0 and summary.underflow_steps > 0
     assert bool((norms[: summary.underflow_steps] < floor).all()) and norms[summary.underflow_steps] >= floor
     assert summary.transmission == math.log10(floor / summary.last_norm)
-    assert ("gradhealth/rnn.l0/transmission", summary.transmission) in logger.scalars
+    assert ("gradhealth/rnn.l0/1_transmission", summary.transmission) in logger.scalars
     (layer,) = health.health_report.layers
     assert layer.verdict == "vanishing" and f"below 10^{summary.transmission:+.1f}" in layer.reason
     assert f"<{summary.transmission:+.2f}" in health.health_report.format()
@@ -296,7 +296,7 @@ def test_an_lstm_with_proj_size_says_its_blocks_have_no_radius_and_logs_no_nan()
     model = PLSequenceModel(build=lambda: nn.LSTM(3, 8, proj_size=4, batch_first=True), output_width=4)
     logger, _ = fit(model, health, max_steps=2)
     assert logger.nonfinite() == []
-    assert [tag for tag, _ in logger.scalars if tag == "gradhealth/rnn.l0/i/sigma_max"]
+    assert [tag for tag, _ in logger.scalars if tag == "gradhealth/rnn.l0/5_sigma_max/i"]
     report = health.health_report.format()
     assert "n/a (non-square)" in report and "nan" not in report
 

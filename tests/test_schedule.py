@@ -112,9 +112,9 @@ def test_by_default_a_fit_probes_step_0_and_every_few_logging_steps_and_logs_sig
     logging_steps, probe_steps = list(range(0, steps, every)), [0, probe_every, 2 * probe_every]
     assert health._configuration()["probe_every_n_steps"] == probe_every
     assert [step for step, _ in health.timestep_history["rnn.l0"]] == probe_steps
-    assert logger.steps["gradhealth/rnn.l0/transmission"] == probe_steps
+    assert logger.steps["gradhealth/rnn.l0/1_transmission"] == probe_steps
     for gate in "ifgo":  # and the final spectra's at the end of fit
-        assert logger.steps[f"gradhealth/rnn.l0/{gate}/sigma_max"] == [*logging_steps, steps]
+        assert logger.steps[f"gradhealth/rnn.l0/5_sigma_max/{gate}"] == [*logging_steps, steps]
     # nothing is captured on the logging steps that are not probed
     assert [step for step, held in captures.held.items() if held] == probe_steps
 

@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from matplotlib import pyplot
 
-from lightning_gradhealth.figures import eigenvalue_image
 from lightning_gradhealth.inits import orthogonal_
 from lightning_gradhealth.spectra import (
     SigmaMaxState,
@@ -270,23 +268,6 @@ def test_estimate_sigma_max_rejects_bad_arguments():
         estimate_sigma_max(weight, gates=2, state=state)
     with pytest.raises(ValueError):
         SigmaMaxTracker(iterations=0)
-
-
-def test_eigenvalue_image_is_an_hwc_uint8_picture_with_one_panel_per_gate_two_per_row_for_four():
-    open_figures = pyplot.get_fignums()
-    weight = orthogonal_(torch.empty(4 * 16, 16), gates=4, generator=torch.Generator().manual_seed(7))
-    weight[3 * 16, 0] = math.nan
-    eigenvalues = full_spectrum(weight, gates=4).eigenvalues
-    image = eigenvalue_image(eigenvalues, gate_names=("i", "f", "g", "o"), title="lstm.l0")
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert (image < 128).any(axis=2).mean() > 0.01, "dark pixels: axes, circle, points, text"
-    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10, "not blank"
-    single, three = eigenvalue_image(eigenvalues[:1]), eigenvalue_image(eigenvalues[:3])
-    assert three.shape[0] == single.shape[0] and 3 * single.shape[1] == three.shape[1], "up to 3 panels in one row"
-    assert image.shape[1] == 2 * single.shape[1] and image.shape[0] > 1.8 * single.shape[0], "4 panels in 2 rows of 2"
-    assert pyplot.get_fignums() == open_figures, "no figure left registered"
-    with pytest.raises(ValueError, match="gate names"):
-        eigenvalue_image(eigenvalues, gate_names=("r", "z", "n"))
 
 
 def test_blocks_spread_over_threads_give_the_values_of_one_batched_call_bit_for_bit():

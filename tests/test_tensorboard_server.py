@@ -158,31 +158,31 @@ def test_tensorboard_serves_our_scalars_histograms_and_images(served: Served) ->
 
     scalar_tags = served.json("/data/plugin/scalars/tags")[RUN]
     for tag in (
-        "gradhealth/rnn.l0/transmission",
-        "gradhealth/rnn.l0/horizon",
+        "gradhealth/rnn.l0/1_transmission",
+        "gradhealth/rnn.l0/2_horizon",
         "gradhealth/rnn.l0/rate_per_step",
-        "gradhealth/rnn.l0.cell/transmission",
+        "gradhealth/rnn.l0.cell/1_transmission",
         "gradhealth/rnn.l0/weight_grad_norm",
         "gradhealth/grad_norm/total",
-        *(f"gradhealth/rnn.l0/{gate}/{name}" for gate in "ifgo" for name in ("sigma_max", "spectral_radius", "orth_error")),
+        *(f"gradhealth/rnn.l0/{name}/{gate}" for gate in "ifgo" for name in ("5_sigma_max", "4_spectral_radius", "orth_error")),
     ):
         assert tag in scalar_tags, tag
     histogram_tags = served.json("/data/plugin/histograms/tags")[RUN]
     for gate in "ifgo":
-        assert f"gradhealth/rnn.l0/{gate}/singular_values" in histogram_tags
-        assert f"gradhealth/rnn.l0/{gate}/eigenvalue_moduli" in histogram_tags
+        assert f"gradhealth/rnn.l0/singular_values/{gate}" in histogram_tags
+        assert f"gradhealth/rnn.l0/eigenvalue_moduli/{gate}" in histogram_tags
     image_tags = served.json("/data/plugin/images/tags")[RUN]
     pictures = ("eigenvalues", "timestep_grad_norms", "timestep_heatmap")
     assert {f"gradhealth/rnn.l0/{name}" for name in pictures} <= set(image_tags)
 
     events = tensorboard_events(served.log_dir)
-    for tag in ("gradhealth/rnn.l0/transmission", "gradhealth/rnn.l0/i/sigma_max"):
+    for tag in ("gradhealth/rnn.l0/1_transmission", "gradhealth/rnn.l0/5_sigma_max/i"):
         series = served.json("/data/plugin/scalars/scalars", run=RUN, tag=tag)
         assert [(step, value) for _, step, value in series] == [(e.step, e.value) for e in events.Scalars(tag)]
         # every step; the spectra also at the end of fit
         assert [step for _, step, _ in series] == list(range(STEPS)) + ([STEPS] if "sigma" in tag else [])
 
-    histogram = served.json("/data/plugin/histograms/histograms", run=RUN, tag="gradhealth/rnn.l0/i/singular_values")
+    histogram = served.json("/data/plugin/histograms/histograms", run=RUN, tag="gradhealth/rnn.l0/singular_values/i")
     assert [step for _, step, _ in histogram] == [0, 2, STEPS]  # full passes and the end of fit
     for _, _, buckets in histogram:
         assert sum(count for _, _, count in buckets) == 8  # every singular value of an 8 x 8 gate block
