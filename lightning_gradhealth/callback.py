@@ -122,14 +122,14 @@ class GradHealth(CallbackBase):
     in :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS`, or every logging step when you
     give ``log_every_n_steps`` here; step 0 and every full pass always) it measures the exact norm
     of dL/dh_t at every timestep of every recurrent layer (:attr:`timestep_grad_norms`) and logs, per layer and
-    direction, ``gradhealth/<layer>/transmission``, ``.../horizon``, ``.../rate_per_step``,
+    direction, ``gradhealth/<layer>/1_transmission``, ``.../2_horizon``, ``.../rate_per_step``,
     ``.../dh_norm_first`` and ``.../dh_norm_last`` (definitions in
     :mod:`lightning_gradhealth.health`), and every ``full_every_n_steps`` steps after step 0 two
     pictures to TensorBoard: the latest curve over t and a heatmap over (training step, t). L is the loss
     Lightning backpropagates (divided by ``accumulate_grad_batches``; the first micro-batch of
     the window is measured), AMP-unscaled.
 
-    On logging steps it also logs ``gradhealth/<layer>/<gate>/sigma_max`` of every
+    On logging steps it also logs ``gradhealth/<layer>/5_sigma_max/<gate>`` of every
     hidden-to-hidden matrix (warm-started iteration), and on every ``full_every_n_steps`` the
     full spectra (``sigma_min``, ``condition``, ``spectral_radius``, ``orth_error``,
     ``outside_unit_circle``), their histograms and (after step 0) an eigenvalue picture
