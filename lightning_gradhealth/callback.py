@@ -36,7 +36,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_gradhealth import tags
 from lightning_gradhealth._compat import CallbackBase
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester, grad_norms
-from lightning_gradhealth.config import MonitorConfig, flat_signature, read_setting, refuse_setting, settings_of
+from lightning_gradhealth.config import (
+    MonitorConfig,
+    flat_signature,
+    init_settings_in_effect,
+    read_setting,
+    refuse_setting,
+    settings_of,
+)
 from lightning_gradhealth.distributed import fsdp_root, sharded, whole_parameters
 from lightning_gradhealth.health import HealthReport, TimestepSummary
 from lightning_gradhealth.layers import WeightRecord
@@ -361,13 +368,13 @@ class GradHealth(CallbackBase):
         add_text(self._writers, tags.CONFIG, config_markdown(self._configuration()), _logging_step(trainer))
 
     def _configuration(self) -> dict[str, Any]:
-        """The settings in effect, as recorded in TensorBoard: every field of both configs, with
-        the seed and the intervals as resolved, and the layers found."""
+        """The settings in effect, as recorded in TensorBoard: the init settings that apply
+        (:func:`~lightning_gradhealth.config.init_settings_in_effect`) and every monitor setting,
+        with the seed and the intervals as resolved, and the layers found."""
         schedule = self.monitor.schedule
         return {
-            **dataclasses.asdict(self.init_config),
+            **init_settings_in_effect(self.init_config, self.init_seed if self.init_applied else self.init_config.seed),
             **dataclasses.asdict(self.monitor.config),
-            "seed": self.init_seed if self.init_applied else self.init_config.seed,
             "log_every_n_steps": schedule.log_every_n_steps,
             "probe_every_n_steps": schedule.probe_every_n_steps,
             "full_every_n_steps": schedule.full_every_n_steps,

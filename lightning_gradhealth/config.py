@@ -28,7 +28,7 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Optional
 
 from lightning_gradhealth._validation import (
     boolean,
@@ -45,7 +45,18 @@ from lightning_gradhealth._validation import (
 from lightning_gradhealth.clipping import CLIP_MODES, validate_clip_args
 from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, LYAPUNOV_K, VANISH_BELOW
 
-__all__ = ["NONFINITE_POLICIES", "MonitorConfig", "flat_signature", "read_setting", "refuse_setting", "settings_of"]
+if TYPE_CHECKING:
+    from lightning_gradhealth.model_init import InitConfig
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "MonitorConfig",
+    "flat_signature",
+    "init_settings_in_effect",
+    "read_setting",
+    "refuse_setting",
+    "settings_of",
+]
 
 NONFINITE_POLICIES = ("warn", "skip", "raise")
 
@@ -256,3 +267,49 @@ def settings_of(config: type, arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``arguments`` that are fields of the dataclass ``config``."""
     names = {field.name for field in dataclasses.fields(config)}
     return {name: value for name, value in arguments.items() if name in names}
+
+
+_RECURRENT_INIT_SETTINGS = ("input_init", "gain", "forget_bias", "chrono_t_max")
+"""The :class:`~lightning_gradhealth.InitConfig` settings that apply only with ``init``: they
+shape what init writes to the recurrent layers (``uniform_scale`` serves ``linear_init`` too)."""
+
+
+def init_settings_in_effect(config: InitConfig, seed: Optional[int]) -> dict[str, Any]:
+    """The init settings as applied, for the configuration text: those that had no effect are
+    left out, so the text never shows a scheme for weights that were not written.
+
+    - ``init=None`` and ``linear_init=None``: no weight is written; ``init`` and ``linear_init``
+      are shown with an ``initialized`` row that says so, and no other init setting.
+    - ``init=None`` with ``linear_init``: only ``nn.Linear`` layers are written; the recurrent
+      settings (``input_init``, ``gain``, ``forget_bias``, ``chrono_t_max``) are left out.
+    - with ``init``: every setting, but ``forget_bias`` when ``chrono_t_max`` replaces it, and
+      ``uniform_scale`` when no scheme is ``"uniform"``.
+
+    ``custom`` is left to the monitor's settings, which measure the same matrices. ``seed`` is
+    the seed the init used (or the configured one, ``None`` when none was given).
+
+    Examples:
+        >>> from lightning_gradhealth.model_init import InitConfig
+        >>> init_settings_in_effect(InitConfig(), seed=None)
+        {'init': None, 'linear_init': None, 'initialized': 'nothing: init=None and linear_init=None leave every weight as it was'}
+        >>> sorted(init_settings_in_effect(InitConfig(init="orthogonal", chrono_t_max=50), seed=7))
+        ['chrono_t_max', 'exclude', 'force_init', 'gain', 'init', 'input_init', 'linear_init', 'seed']
+    """
+    if not config.changes_weights:
+        return {
+            "init": None,
+            "linear_init": None,
+            "initialized": "nothing: init=None and linear_init=None leave every weight as it was",
+        }
+    left_out = {"custom"}
+    if config.init is None:
+        left_out.update(_RECURRENT_INIT_SETTINGS)
+    if config.chrono_t_max is not None:
+        left_out.add("forget_bias")
+    if "uniform" not in (config.init, config.input_init if config.init is not None else None, config.linear_init):
+        left_out.add("uniform_scale")
+    settings = {**dataclasses.asdict(config), "seed": seed}
+    applied = {name: value for name, value in settings.items() if name not in left_out}
+    if config.init is None:
+        applied["initialized"] = "nn.Linear layers only (linear_init): init=None leaves the recurrent layers as they were"
+    return applied
