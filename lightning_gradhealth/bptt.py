@@ -249,6 +249,26 @@ def _affine(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return product.view(*x.shape[:-1], weight.shape[0])
 
 
+def gate_affine(weights: CellWeights, inputs: Tensor, previous: Tensor) -> Tensor:
+    r"""The gates' pre-activations :math:`a_t = W_{ih} x_t + W_{hh} h_{t-1} + b_{ih} + b_{hh}` over
+    ``(T, B, ·)``, in one ``(T, B, G * H)`` buffer: the biases summed once, the recurrent product
+    accumulated into the input product in place, so the two parts are never stored apart (each
+    pass over a ``(T, B, G * H)`` tensor costs as much as a small matrix product).
+
+    Examples:
+        >>> lstm = nn.LSTM(3, 4)
+        >>> weights = CellWeights.of_layer(dict(lstm.named_parameters()), 0, False).to(torch.float32)
+        >>> x, previous = torch.randn(5, 2, 3), torch.randn(5, 2, 4)
+        >>> expected = x @ weights.w_ih.T + weights.b_ih + previous @ weights.w_hh.T + weights.b_hh
+        >>> torch.allclose(gate_affine(weights, x, previous), expected, atol=1e-6)
+        True
+    """
+    biases = [bias for bias in (weights.b_ih, weights.b_hh) if bias is not None]
+    total = _affine(inputs, weights.w_ih, sum(biases[1:], biases[0]) if biases else None)
+    total.view(-1, total.shape[-1]).addmm_(previous.reshape(-1, previous.shape[-1]), weights.w_hh.T)
+    return total
+
+
 class _Recurrence(NamedTuple):
     """What every cell's backward recursion starts from, for all T steps at once (time-major).
 
@@ -266,6 +286,16 @@ class _Recurrence(NamedTuple):
     recurrent_part: Tensor
 
 
+def _direct_and_previous(
+    states: Tensor, initial_state: Tensor, output_grads: Tensor, final_state_grad: Optional[Tensor], lengths: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The direct gradient on every h_t (the final state's gradient at each sequence's last step
+    included), and h_{t-1} for every t."""
+    final_state_part = _at_last_steps(final_state_grad, states.shape[0], lengths)
+    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
+    return direct_grads, torch.cat([initial_state[None], states[:-1]])
+
+
 def _prepare(
     weights: CellWeights,
     inputs: Tensor,
@@ -276,11 +306,24 @@ def _prepare(
     lengths: Optional[Tensor],
 ) -> _Recurrence:
     """The direct gradients, previous states and gate affine parts shared by every cell type."""
-    final_state_part = _at_last_steps(final_state_grad, inputs.shape[0], lengths)
-    direct_grads = output_grads if final_state_part is None else output_grads + final_state_part
-    previous = torch.cat([initial_state[None], states[:-1]])
+    direct_grads, previous = _direct_and_previous(states, initial_state, output_grads, final_state_grad, lengths)
     input_part = _affine(inputs, weights.w_ih, weights.b_ih)
     return _Recurrence(direct_grads, previous, input_part, _affine(previous, weights.w_hh, weights.b_hh))
+
+
+def _step_back(state_grads: Tensor, direct_grads: Tensor, w_hh: Tensor, gate_grads_at: Callable[[int], Tensor]) -> None:
+    r"""The loop every recursion shares, last step first:
+    :math:`\partial L/\partial h_{t-1} = \delta_{t-1} + W_{hh}^\top \partial L/\partial a_t`, written
+    into ``state_grads`` by one fused ``addmm`` per step; ``gate_grads_at(t)`` computes the
+    ``(B, G * H)`` gate gradients of step t once ``state_grads[t]`` is final (and whatever
+    else the cell carries back)."""
+    steps = state_grads.shape[0]
+    if steps:
+        state_grads[-1] = direct_grads[-1]
+    for t in reversed(range(steps)):
+        gate_grads = gate_grads_at(t)
+        if t:
+            torch.addmm(direct_grads[t - 1], gate_grads.flatten(1), w_hh, out=state_grads[t - 1])
 
 
 @torch.no_grad()
@@ -319,21 +362,18 @@ def rnn_backward(
     """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected 'tanh' or 'relu'")
-    direct_grads, _, input_part, recurrent_part = _prepare(
-        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
-    )
+    direct_grads, previous = _direct_and_previous(states, initial_state, output_grads, final_state_grad, lengths)
+    pre_activations = gate_affine(weights, inputs, previous)
     if nonlinearity == "tanh":
         derivative = 1 - states * states
     else:
-        derivative = ((input_part + recurrent_part) > 0).to(states.dtype)
+        derivative = (pre_activations > 0).to(states.dtype)
     state_grads = torch.empty_like(states)
-    pre_activation_grads = torch.empty_like(input_part)
-    carry = torch.zeros_like(initial_state)
-    for t in reversed(range(inputs.shape[0])):
-        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
-        carry = torch.mul(grad_h, derivative[t], out=pre_activation_grads[t]) @ weights.w_hh
+    pre_activation_grads = torch.empty_like(pre_activations)
+    gate_grads_at = lambda t: torch.mul(state_grads[t], derivative[t], out=pre_activation_grads[t])  # noqa: E731
+    _step_back(state_grads, direct_grads, weights.w_hh, gate_grads_at)
     activation = torch.tanh if nonlinearity == "tanh" else torch.relu
-    residual = state_residual(activation(input_part + recurrent_part), states, lengths)
+    residual = state_residual(activation(pre_activations), states, lengths)
     saturation = saturated_fraction(states, lengths) if nonlinearity == "tanh" else None
     return TimestepGrads(state_grads, None, pre_activation_grads @ weights.w_ih, saturation, residual)
 
@@ -385,11 +425,14 @@ def gru_backward(
     recurrent_factors = torch.stack([to_reset, to_update, to_candidate * reset], dim=-2)
     recurrent_grads = torch.empty_like(recurrent_factors)
     state_grads = torch.empty_like(states)
-    carry = torch.zeros_like(initial_state)
-    for t in reversed(range(inputs.shape[0])):
-        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
-        torch.mul(recurrent_factors[t], grad_h.unsqueeze(1), out=recurrent_grads[t])
-        carry = torch.addcmul(recurrent_grads[t].flatten(1) @ weights.w_hh, grad_h, update[t])
+    last = inputs.shape[0] - 1
+
+    def recurrent_grads_at(t: int) -> Tensor:
+        if t < last:  # the path through z_{t+1} * h_t
+            state_grads[t].addcmul_(state_grads[t + 1], update[t + 1])
+        return torch.mul(recurrent_factors[t], state_grads[t].unsqueeze(1), out=recurrent_grads[t])
+
+    _step_back(state_grads, direct_grads, weights.w_hh, recurrent_grads_at)
     pre_activation_grads = (input_factors * state_grads.unsqueeze(2)).flatten(2)
     residual = state_residual(torch.lerp(candidate, previous, update), states, lengths)
     saturation = saturated_fraction(candidate, lengths)
@@ -435,14 +478,13 @@ def lstm_backward(
     Returns:
         :class:`TimestepGrads` with ``cell`` dL/dc_t, the saturation of the candidate :math:`g_t`.
     """
-    direct_grads, _, input_part, recurrent_part = _prepare(
-        weights, inputs, states, initial_state, output_grads, final_state_grad, lengths
-    )
+    direct_grads, previous = _direct_and_previous(states, initial_state, output_grads, final_state_grad, lengths)
     steps = inputs.shape[0]
-    gates = input_part.add_(recurrent_part).view(*input_part.shape[:-1], 4, -1)
-    # contiguous per-gate copies: the step-by-step loops below read them one timestep at a time
-    gate_input, gate_forget, gate_cell, gate_output = (gate.contiguous() for gate in gates.unbind(dim=-2))
-    gate_input.sigmoid_(), gate_forget.sigmoid_(), gate_cell.tanh_(), gate_output.sigmoid_()
+    gates = gate_affine(weights, inputs, previous).unflatten(-1, (4, -1))
+    # each activation reads its gate's strided view and writes a contiguous tensor: one pass each,
+    # and the step-by-step loops below read them one timestep at a time
+    gate_input, gate_forget = torch.sigmoid(gates[:, :, 0]), torch.sigmoid(gates[:, :, 1])
+    gate_cell, gate_output = torch.tanh(gates[:, :, 2]), torch.sigmoid(gates[:, :, 3])
     cells = torch.empty_like(gate_cell)
     cell_inputs = gate_input * gate_cell
     cell = initial_cell
@@ -462,25 +504,27 @@ def lstm_backward(
     factor_forget[0].mul_(initial_cell)
     torch.addcmul(gate_input, gate_input, gate_cell * gate_cell, value=-1, out=factor_cell)
     torch.addcmul(gate_output, gate_output, gate_output, value=-1, out=factor_output).mul_(tanh_cells)
-    pre_activation_grads = torch.empty_like(input_part)
-    gate_grads = pre_activation_grads.view(gate_factors.shape)
+    gate_grads = torch.empty_like(gates)
     state_grads = torch.empty_like(states)
     cell_grads = torch.empty_like(cells)
-    carry = torch.zeros_like(initial_state)
-    carry_cell = torch.zeros_like(initial_cell)
     final_cell_part = _at_last_steps(final_cell_grad, steps, lengths)
-    if final_cell_part is not None:
-        carry_cell = carry_cell + final_cell_part[-1]
-    for t in reversed(range(steps)):
-        grad_h = torch.add(direct_grads[t], carry, out=state_grads[t])
+    carry_cell = torch.zeros_like(initial_cell) if final_cell_part is None else final_cell_part[-1]  # f_{t+1} dL/dc_{t+1}
+
+    def gate_grads_at(t: int) -> Tensor:
+        nonlocal carry_cell
+        grad_h = state_grads[t]
         grad_unprojected = grad_h if weights.w_hr is None else grad_h @ weights.w_hr
         grad_c = torch.addcmul(carry_cell, grad_unprojected, output_to_cell[t], out=cell_grads[t])
         torch.mul(gate_factors[t, :, :3], grad_c.unsqueeze(1), out=gate_grads[t, :, :3])
         torch.mul(gate_factors[t, :, 3], grad_unprojected, out=gate_grads[t, :, 3])
-        carry = pre_activation_grads[t] @ weights.w_hh
-        carry_cell = grad_c * gate_forget[t]
-        if final_cell_part is not None and t > 0:
-            carry_cell = carry_cell + final_cell_part[t - 1]
+        if t:
+            carry_cell = grad_c * gate_forget[t]
+            if final_cell_part is not None:
+                carry_cell += final_cell_part[t - 1]
+        return gate_grads[t]
+
+    _step_back(state_grads, direct_grads, weights.w_hh, gate_grads_at)
+    pre_activation_grads = gate_grads.flatten(-2)
     recomputed = gate_output * tanh_cells
     residual = state_residual(recomputed if weights.w_hr is None else recomputed @ weights.w_hr.T, states, lengths)
     saturation = saturated_fraction(gate_cell, lengths)

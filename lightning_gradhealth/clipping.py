@@ -8,7 +8,8 @@ Cost: norms use torch's multi-tensor kernels (``torch._foreach_norm``), one call
 (device, dtype) group as ``torch.nn.utils.clip_grad_norm_`` does, and scaling uses
 ``torch._foreach_mul_``. No norm or clipping function synchronizes with the host: results are
 tensors, and the caller decides when to read them (:meth:`ClipStats.to_floats` reads all of them
-in one sync). The NaN/Inf check does not either, but on the CPU, where a read waits for nothing. Norms of float16 / bfloat16 gradients are accumulated in float32.
+in one sync). The NaN/Inf check does not either, but on the CPU, where a read waits for nothing.
+Norms of float16 / bfloat16 gradients are accumulated in float32.
 
 Non-finite gradients: clipping never raises and never spreads a NaN or Inf to finite
 gradients. By norm, a non-finite total norm leaves every gradient as it is; AGC leaves each

@@ -69,7 +69,7 @@ from typing import Callable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_gradhealth.bptt import CellWeights, _affine, _layer_forward, kernel_weights, reverse_padded
+from lightning_gradhealth.bptt import CellWeights, _affine, _layer_forward, gate_affine, kernel_weights, reverse_padded
 from lightning_gradhealth.layers import cell_type_of
 
 __all__ = [
@@ -308,11 +308,9 @@ def lstm_jacobian_product(
         True
     """
     width = states.shape[-1]
-    gates = _affine(inputs, weights.w_ih, weights.b_ih).add_(
-        _affine(_previous_states(states, initial_state), weights.w_hh, weights.b_hh)
-    )
-    gate_input, gate_forget, gate_cell, gate_output = (gate.contiguous() for gate in gates.unflatten(-1, (4, -1)).unbind(-2))
-    gate_input.sigmoid_(), gate_forget.sigmoid_(), gate_cell.tanh_(), gate_output.sigmoid_()
+    gates = gate_affine(weights, inputs, _previous_states(states, initial_state)).unflatten(-1, (4, -1))
+    gate_input, gate_forget = torch.sigmoid(gates[..., 0, :]), torch.sigmoid(gates[..., 1, :])
+    gate_cell, gate_output = torch.tanh(gates[..., 2, :]), torch.sigmoid(gates[..., 3, :])
     cells = torch.empty_like(gate_cell)
     cell_inputs = gate_input * gate_cell
     cell = initial_cell

@@ -254,7 +254,8 @@ class Schedule:
             self._logged_steps[optimizer] = step
         full = measure and step % self.full_every_n_steps == 0
         probe = measure and self.is_probe_step(step)
-        return StepPlan(measure, probe, full, log_gradients, pictures=full and step > 0, exponents=probe and self.takes_exponents(step))
+        exponents = probe and self.takes_exponents(step)
+        return StepPlan(measure, probe, full, log_gradients, pictures=full and step > 0, exponents=exponents)
 
     def takes_exponents(self, step: int) -> bool:
         """Whether the probe at probe step ``step`` takes the Lyapunov exponents: the first probe
