@@ -1,7 +1,8 @@
 """A LightningCLI entry point for the adding problem, configured from YAML: a team template.
 
 The Trainer, its callbacks (GradHealth among them), the model and the data all come from the
-config file; any value can be overridden on the command line.
+config file; any value can be overridden on the command line. LightningCLI reads the config with
+jsonargparse, which the ``cli`` extra installs: ``pip install -e ".[cli]"``.
 
 Usage:
     python examples/cli.py fit --config examples/configs/adding_lstm.yaml
