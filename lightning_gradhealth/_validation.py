@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from typing import Mapping, Optional
@@ -186,18 +187,29 @@ def optional_string(name: str, value: object, allowed: str) -> Optional[str]:
 
 
 def choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    """``value``, which must be one of the strings ``choices``.
+    """``value`` as one of the lower-case strings ``choices``, in any case (``"Skip"`` is ``"skip"``),
+    as the scheme names and ``clip`` are read.
 
     Raises:
         TypeError: not a string.
-        ValueError: a string that is not one of ``choices``.
+        ValueError: a string that is not one of ``choices``, with the closest one if any.
+
+    Examples:
+        >>> choice("on_nonfinite", "Skip", ("warn", "skip", "raise"))
+        'skip'
+        >>> choice("on_nonfinite", "rasie", ("warn", "skip", "raise"))
+        Traceback (most recent call last):
+        ...
+        ValueError: on_nonfinite must be one of 'warn', 'skip', 'raise', got 'rasie'. Did you mean 'raise'?
     """
     allowed = f"one of {', '.join(map(repr, choices))}"
     if not isinstance(value, str):
         raise TypeError(f"{name} must be {allowed}, got {given(value)}")
-    if value not in choices:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
+    if value.lower() not in choices:
+        closest = difflib.get_close_matches(value.lower(), choices, n=1)
+        hint = f". Did you mean {closest[0]!r}?" if closest else ""
+        raise ValueError(f"{name} must be {allowed}, got {value!r}{hint}")
+    return value.lower()
 
 
 def _pattern(name: str, pattern: object) -> str:

@@ -8,6 +8,13 @@ which users and LightningCLI's YAML rely on, is built from their fields by
 :func:`flat_signature`, and the configuration text in TensorBoard lists the same fields: a new
 setting is written in its dataclass, where it is used, and in the docs.
 
+A setting that is one of a few names (a scheme, a clip mode, a NaN/Inf policy) is read in any
+case, ``"Norm"`` as ``"norm"``, in Python and from LightningCLI alike. LightningCLI sees it typed
+as a :class:`SettingName`, which jsonargparse checks while it parses the command line or a config
+file: a misspelt name stops the program there with one line, the constructor's message
+(``error: GradHealth: Unknown init scheme 'identiy'. Did you mean 'identity'? ...``), before
+anything is built.
+
 Examples:
     >>> config = MonitorConfig(clip="norm", clip_val=1.0)
     >>> config.log_every_n_steps is None        # resolved at attach time (the Trainer's interval)
@@ -25,10 +32,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 from lightning_gradhealth._validation import (
     boolean,
@@ -44,6 +52,7 @@ from lightning_gradhealth._validation import (
 )
 from lightning_gradhealth.clipping import CLIP_MODES, validate_clip_args
 from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, LYAPUNOV_K, VANISH_BELOW
+from lightning_gradhealth.inits import resolve_scheme
 
 if TYPE_CHECKING:
     from lightning_gradhealth.model_init import InitConfig
@@ -51,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = [
     "NONFINITE_POLICIES",
     "MonitorConfig",
+    "SETTING_NAMES",
+    "SettingName",
     "flat_signature",
     "init_settings_in_effect",
     "read_setting",
@@ -101,10 +112,11 @@ class MonitorConfig:
         horizon_factor: the fall that ends the ``horizon`` (see :mod:`lightning_gradhealth.health`);
             finite and > 1, since a factor <= 1 allows no fall at all.
         clip: ``None``, ``"norm"`` (global norm, Pascanu et al. 2013), ``"value"``
-            (element-wise) or ``"agc"`` (adaptive, unit-wise, Brock et al. 2021).
+            (element-wise) or ``"agc"`` (adaptive, unit-wise, Brock et al. 2021); any case.
         clip_val: the threshold: max total norm, max absolute value, or AGC's lambda.
         clip_norm_type: the p of the norms (``float("inf")`` for the max-norm).
-        on_nonfinite: what a step with a NaN/Inf gradient does: ``"warn"``, ``"skip"`` or ``"raise"``.
+        on_nonfinite: what a step with a NaN/Inf gradient does: ``"warn"``, ``"skip"`` or
+            ``"raise"``; any case.
 
     Every number may also be a numpy or 0-d torch scalar of a real dtype (stored as a Python
     ``float`` or ``int``); a bool is not a number here.
@@ -126,10 +138,10 @@ class MonitorConfig:
     vanish_below: float = VANISH_BELOW
     explode_above: float = EXPLODE_ABOVE
     horizon_factor: float = HORIZON_FACTOR
-    clip: Optional[Literal["norm", "value", "agc"]] = None
+    clip: Optional[str] = None
     clip_val: Optional[float] = None
     clip_norm_type: float = 2.0
-    on_nonfinite: Literal["warn", "skip", "raise"] = "warn"
+    on_nonfinite: str = "warn"
 
     def __post_init__(self) -> None:
         clip, clip_val, clip_norm_type = self._clipping()
@@ -211,20 +223,24 @@ def _fields(*configs: type) -> dict[str, tuple[Any, Any]]:
 def flat_signature(*configs: type, positional: tuple[str, ...] = (), method: bool = False) -> inspect.Signature:
     """One keyword signature with every field of the dataclasses ``configs`` (types and defaults
     as declared; ``positional`` names may also be passed by position; ``method``: ``self``
-    first), for a constructor that takes them all flat, as LightningCLI reads it.
+    first), for a constructor that takes them all flat, as LightningCLI reads it. A setting of
+    :data:`SETTING_NAMES`, declared ``str`` or ``Optional[str]``, is typed as its
+    :class:`SettingName` instead, so that LightningCLI checks it while parsing.
 
     Examples:
         >>> from lightning_gradhealth.model_init import InitConfig
         >>> signature = flat_signature(InitConfig, MonitorConfig, positional=("init",))
-        >>> str(signature).startswith("(init: Optional[str] = None, *, input_init: Optional[str] = 'glorot'")
+        >>> signature.parameters["init"].annotation == Optional[SETTING_NAMES["init"]]
         True
+        >>> signature.parameters["clip_val"]
+        <Parameter "clip_val: Optional[float] = None">
     """
     parameters = [
         inspect.Parameter(
             name,
             inspect.Parameter.POSITIONAL_OR_KEYWORD if name in positional else inspect.Parameter.KEYWORD_ONLY,
             default=default,
-            annotation=annotation,
+            annotation=_annotation_for_the_command_line(name, annotation),
         )
         for name, (annotation, default) in _fields(*configs).items()
     ]
@@ -232,6 +248,97 @@ def flat_signature(*configs: type, positional: tuple[str, ...] = (), method: boo
     if method:
         parameters.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
     return inspect.Signature(parameters, return_annotation=None)
+
+
+class SettingName(str):
+    """How LightningCLI sees a setting that is one of a few names: a ``str`` that jsonargparse
+    checks and normalizes (:meth:`parse`) while it parses the command line or a config file.
+
+    Each setting of :data:`SETTING_NAMES` has its own subclass, which knows the setting and the
+    check the constructor runs on it. A name is accepted in any case and passed on in its
+    canonical form (``"Identity"`` as ``"identity"``). A name the check refuses stops the program
+    at once with one line, ``error: GradHealth: <the constructor's message>``, as argparse stops on
+    a bad option: jsonargparse would otherwise print the usage of every Trainer option around it,
+    or, for a value it took as any string, a traceback from the constructor. In Python the
+    constructor raises its ``ValueError`` as always; nothing here is involved.
+
+    Without jsonargparse installed the subclasses are plain ``str`` types and nothing is registered.
+
+    Examples:
+        >>> SETTING_NAMES["clip"].parse("Norm")
+        'norm'
+        >>> SETTING_NAMES["init"].parse("identiy")
+        Traceback (most recent call last):
+        ...
+        SystemExit: error: GradHealth: Unknown init scheme 'identiy'. Did you mean 'identity'? Valid names: \
+'orthogonal', 'glorot', 'xavier', 'glorot_normal', 'he', 'kaiming', 'identity', 'uniform' or None.
+    """
+
+    setting: ClassVar[str]
+    check: ClassVar[Callable[[str], str]]
+
+    @classmethod
+    def parse(cls, value: object) -> str:
+        """``value`` checked and normalized by the setting's own check.
+
+        Raises:
+            ValueError: ``value`` is not a string (jsonargparse then tries the other types of
+                the setting's annotation: ``None``).
+            SystemExit: a string the check refuses, with its message.
+        """
+        if not isinstance(value, str):
+            raise ValueError(f"{cls.setting} is a name, got {value!r}")
+        try:
+            return cls.check(value)
+        except ValueError as error:
+            raise SystemExit(f"error: GradHealth: {error}") from None
+
+
+def _setting_name(type_name: str, setting: str, check: Callable[[str], str]) -> type[SettingName]:
+    """The :class:`SettingName` of ``setting``, registered with jsonargparse when it is installed.
+
+    ``check`` is what the settings' dataclass runs on the value: it returns the canonical name or
+    raises ``ValueError`` with the message Python users see."""
+    name_type = type(type_name, (SettingName,), {"setting": setting, "check": staticmethod(check), "__module__": __name__})
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # no jsonargparse, no LightningCLI: nothing parses these names
+        return name_type
+    register_type(name_type, serializer=str, deserializer=name_type.parse)
+    return name_type
+
+
+def _clip_mode(value: str) -> str:
+    """``value`` as a clip mode, refused with :func:`~lightning_gradhealth.clipping.validate_clip_args`'s
+    own message (the threshold 1.0 stands for any valid one: only the mode is checked)."""
+    mode, _, _ = validate_clip_args(value, clip_val=1.0)
+    assert mode is not None
+    return mode
+
+
+SETTING_NAMES: dict[str, type[SettingName]] = {
+    **{
+        setting: _setting_name("SchemeName", setting, functools.partial(resolve_scheme, argument=setting))
+        for setting in ("init", "input_init", "linear_init")
+    },
+    "clip": _setting_name("ClipMode", "clip", _clip_mode),
+    "on_nonfinite": _setting_name(
+        "NonfinitePolicy", "on_nonfinite", functools.partial(choice, "on_nonfinite", choices=NONFINITE_POLICIES)
+    ),
+}
+"""The settings that are one of a few names, and their :class:`SettingName` types."""
+
+
+def _annotation_for_the_command_line(name: str, declared: Any) -> Any:
+    """The annotation :func:`flat_signature` gives the setting ``name``: its :class:`SettingName`
+    in place of ``str`` for a setting of :data:`SETTING_NAMES`, else ``declared``."""
+    if name not in SETTING_NAMES:
+        return declared
+    if declared is str:
+        return SETTING_NAMES[name]
+    if declared == Optional[str]:
+        return Optional[SETTING_NAMES[name]]
+    raise TypeError(f"the setting {name!r} is read as a name: declare it str or Optional[str], not {declared}")
 
 
 def read_setting(owner: object, configs: Iterable[Any], name: str) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import typing
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from torch import nn
 
 from conftest import PLSequenceModel, trainer_kwargs, weights
 from lightning_gradhealth import GradHealth, initialize_
+from lightning_gradhealth.config import SETTING_NAMES, SettingName
 from lightning_gradhealth.layers import find_recurrent_weights
 
 ARGUMENTS = list(inspect.signature(GradHealth).parameters)
@@ -162,6 +165,56 @@ def test_numpy_and_torch_scalars_and_tuples_are_accepted_as_plain_python_values(
     assert (health.vanish_below, health.explode_above, health.horizon_factor) == (pytest.approx(0.01), 100.0, 10.0)
     assert (health.clip, health.clip_val, health.clip_norm_type) == ("norm", 0.5, math.inf)
     assert all(is_plain(getattr(health, name)) for name in ARGUMENTS)
+
+
+@pytest.mark.parametrize(
+    "name, given, canonical",
+    [
+        ("init", "Identity", "identity"),
+        ("input_init", "XAVIER", "glorot"),
+        ("linear_init", "He", "he"),
+        ("on_nonfinite", "Skip", "skip"),
+        ("on_nonfinite", "RAISE", "raise"),
+    ],
+)
+def test_names_are_read_in_any_case_as_lightningcli_reads_them(name, given, canonical):
+    arguments = {name: given, **({"init": "orthogonal"} if name == "input_init" else {})}
+    assert getattr(GradHealth(**arguments), name) == canonical
+    assert SETTING_NAMES[name].parse(given) == canonical  # what LightningCLI passes to the constructor
+
+
+@pytest.mark.parametrize(
+    "name, bad, suggestion",
+    [
+        ("init", "identiy", "'identity'"),
+        ("input_init", "glorto", "'glorot'"),
+        ("linear_init", "kaimng", "'kaiming'"),
+        ("clip", "Nrom", "'norm'"),
+        ("on_nonfinite", "Skp", "'skip'"),
+    ],
+)
+def test_lightningcli_refuses_a_misspelt_name_with_the_constructors_message_in_one_line(name, bad, suggestion):
+    arguments = {name: bad, **({"clip_val": 1.0} if name == "clip" else {})}
+    with pytest.raises(ValueError) as refused:
+        GradHealth(**arguments)
+    with pytest.raises(SystemExit) as stopped:
+        SETTING_NAMES[name].parse(bad)
+    assert stopped.value.code == f"error: GradHealth: {refused.value}"
+    assert f"Did you mean {suggestion}?" in stopped.value.code and "\n" not in stopped.value.code
+
+
+def test_lightningcli_sees_each_name_typed_as_a_name_it_checks():
+    def names_a_setting(annotation: object) -> bool:
+        members = typing.get_args(annotation) or (annotation,)
+        return any(isinstance(member, type) and issubclass(member, SettingName) for member in members)
+
+    parameters = inspect.signature(GradHealth).parameters
+    assert {name for name, parameter in parameters.items() if names_a_setting(parameter.annotation)} == set(SETTING_NAMES)
+    scheme_name = SETTING_NAMES["init"]
+    assert parameters["init"].annotation == Optional[scheme_name]
+    assert parameters["on_nonfinite"].annotation is SETTING_NAMES["on_nonfinite"]
+    with pytest.raises(ValueError, match="init is a name, got None"):
+        SETTING_NAMES["init"].parse(None)  # not a name: jsonargparse goes on to the None in Optional[...]
 
 
 def test_thresholds_just_inside_their_ranges_are_accepted():
