@@ -2,13 +2,18 @@
 
 Starts the real ``tensorboard`` on 127.0.0.1 (a free port of its choosing), waits until it serves
 the run's ``gradhealth/`` scalars, takes a headless Chromium screenshot of each requested page,
-trims the empty space below each page's content and stacks the pages into one PNG.
+trims the empty space below each page's content and stacks the pages into one PNG, or with
+``--split`` writes one PNG per page, ``<out>_<page>.png``. ``--runs`` shows only the runs whose
+path under the log directory matches a regex (TensorBoard is pointed at a directory of links to
+their files), so a page of pictures or text can show two runs of many.
 
 Usage (from the repository root):
 
     python docs/dashboard.py                            # trains examples/adding_problem.py --steps 300 first
     python docs/dashboard.py --logdir /tmp/dash_runs    # an existing log directory
     python docs/dashboard.py --logdir runs --pages custom_scalars images text --out /tmp/board.png
+    python docs/dashboard.py --logdir runs/adding_rnn-relu_T100 --runs '^(identity|uniform)_seed1$' \\
+        --pages images text --split --out docs/dashboard.png   # docs/dashboard_images.png, docs/dashboard_text.png
 
 Pages: ``auto`` (``custom_scalars`` when the run has GradHealth's custom-scalars layout, else
 ``scalars`` filtered to ``--tag-filter``), or any TensorBoard page name: ``custom_scalars``,
@@ -150,17 +155,55 @@ def stack(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def link_runs(logdir: Path, pattern: str, into: Path) -> list[str]:
+    """Mirror the runs under ``logdir`` whose relative path matches ``pattern`` (``re.search``) into
+    ``into``: real folders, a symbolic link per file (TensorBoard does not descend into linked
+    folders). Returns the runs linked, sorted; fails when none matches.
+
+    Examples:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for run in ("identity_seed0", "identity_seed1", "uniform_seed1"):
+        ...     (root / "logs" / run).mkdir(parents=True)
+        ...     (root / "logs" / run / "events.out.tfevents.1").touch()
+        >>> link_runs(root / "logs", "seed1$", root / "shown")
+        ['identity_seed1', 'uniform_seed1']
+        >>> (root / "shown" / "uniform_seed1" / "events.out.tfevents.1").is_symlink()
+        True
+    """
+    runs = sorted(
+        folder.relative_to(logdir).as_posix()
+        for folder in {event_file.parent for event_file in logdir.rglob("events.out.tfevents.*")}
+        if re.search(pattern, folder.relative_to(logdir).as_posix())
+    )
+    if not runs:
+        raise SystemExit(f"no run under {logdir} matches --runs {pattern!r}")
+    for run in runs:
+        (into / run).mkdir(parents=True)
+        for path in (logdir / run).iterdir():
+            if path.is_file():
+                (into / run / path.name).symlink_to(path.resolve())
+    return runs
+
+
+def page_path(out: Path, page: str) -> Path:
+    """Where ``--split`` writes ``page``: ``docs/dashboard.png`` -> ``docs/dashboard_images.png``."""
+    return out.with_name(f"{out.stem}_{page}{out.suffix}")
+
+
 def train_example(logdir: Path, steps: int) -> None:
     command = [sys.executable, str(ROOT / "examples" / "adding_problem.py"), "--steps", str(steps), "--logdir", str(logdir)]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", type=Path, help="TensorBoard log directory (default: train the adding-problem example)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the example when no --logdir is given")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
+    parser.add_argument("--split", action="store_true", help="one PNG per page, <out>_<page>.png, instead of one stacked")
+    parser.add_argument("--runs", help="regex: only the runs whose path under --logdir matches it")
     parser.add_argument("--pages", nargs="+", default=["auto", "images"], help="TensorBoard pages, stacked top to bottom")
     parser.add_argument("--tag-filter", default="gradhealth", help="tag regex for the scalars page")
     parser.add_argument("--width", type=int, default=1600)
@@ -178,6 +221,9 @@ def main(argv: list[str] | None = None) -> Path:
         if logdir is None:
             logdir = scratch_dir / "runs"
             train_example(logdir, args.steps)
+        if args.runs is not None:
+            print(f"runs: {', '.join(link_runs(logdir, args.runs, scratch_dir / 'shown'))}", flush=True)
+            logdir = scratch_dir / "shown"
         process, url = start_tensorboard(logdir, scratch_dir / "tensorboard.log", args.timeout)
         try:
             wait_for_gradhealth(url, args.timeout)
@@ -194,10 +240,12 @@ def main(argv: list[str] | None = None) -> Path:
         finally:
             stop(process)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet = stack(shots)
-    sheet.save(args.out, optimize=True)
-    print(f"wrote {args.out} ({sheet.width} x {sheet.height}): {', '.join(pages)}")
-    return args.out
+    pictures = [(page_path(args.out, page), [shot]) for page, shot in zip(pages, shots)] if args.split else [(args.out, shots)]
+    for path, images in pictures:
+        sheet = stack(images)
+        sheet.save(path, optimize=True)
+        print(f"wrote {path} ({sheet.width} x {sheet.height}, {path.stat().st_size // 1024} KB)")
+    return [path for path, _ in pictures]
 
 
 if __name__ == "__main__":
