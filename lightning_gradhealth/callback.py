@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import time
 import weakref
 from typing import Any, Generic, Optional, TypeVar
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_gradhealth import tags
+from lightning_gradhealth import defaults, tags
 from lightning_gradhealth._compat import CallbackBase
 from lightning_gradhealth.clipping import ClipStats, ClipThresholdSuggester, grad_norms
 from lightning_gradhealth.config import (
@@ -143,7 +144,7 @@ class GradHealth(CallbackBase):
     (:mod:`lightning_gradhealth.spectra`); step 0 shows the weights right after init, as numbers
     only, so that a short fit is not slowed by drawing. At the end of fit the final spectra go to
     the loggers too, at the last step, with the pictures when the run reached a full pass after
-    step 0.
+    step 0 or trained for :data:`~lightning_gradhealth.defaults.FINAL_PICTURES_AFTER_SECONDS`.
 
     On every optimizer step it checks the gradients for NaN/Inf (one fused check) and, with
     ``clip``, clips them; on logging steps it logs the true gradient norm
@@ -291,6 +292,7 @@ class GradHealth(CallbackBase):
         self._origin: Optional[weakref.ref[GradHealth]] = None  # the object a copy was made from
         self._ran_fit = False  # a fit started since the last release
         self._family = _Family()
+        self._train_started = time.monotonic()  # of the current fit's training (on_train_start)
 
     __init__.__signature__ = _SETTINGS  # type: ignore[attr-defined]  # what LightningCLI and help() read
 
@@ -361,6 +363,7 @@ class GradHealth(CallbackBase):
         """Write the configuration and the custom-scalars layout to every TensorBoard log
         directory of this fit, a resumed run's new one included, at the step the run starts
         from (restored by now on resume)."""
+        self._train_started = time.monotonic()
         config = self.monitor.config
         layout = custom_scalars_layout(self.monitor.layer_keys, config.clip is not None, config.lyapunov_k > 0)
         for writer in self._writers:
@@ -507,8 +510,9 @@ class GradHealth(CallbackBase):
             step, amp_scaler_active=_amp_scaler(trainer) is not None, optimizer_steps=trainer.global_step
         )
         if trainer.is_global_zero:
-            # the first fit of this callback and its copies draws its final pictures; a refit only after a long run
-            pictures = True if self._family.fits == 0 else None
+            # final pictures after a long fit only: FINAL_PICTURES_AFTER_SECONDS of training, or a full pass after step 0
+            trained_for = time.monotonic() - self._train_started
+            pictures = True if trained_for >= defaults.FINAL_PICTURES_AFTER_SECONDS else None
             write_outputs(trainer.loggers, self._writers, self.monitor.end_of_fit(step, pictures), step, self._picture_failed)
         self._family.fits += 1
         if self._origin is not None and self._family.fits > 1:  # a refit of a copy (a retrain loop): one line

@@ -13,6 +13,7 @@ __all__ = [
     "CLIP_SUGGESTION_MIN_NORMS",
     "DEFAULT_LOG_EVERY_N_STEPS",
     "EXPLODE_ABOVE",
+    "FINAL_PICTURES_AFTER_SECONDS",
     "FULL_EVERY_N_LOGS",
     "HEATMAP_COLUMNS",
     "HISTORY_SIZE",
@@ -114,6 +115,14 @@ CALLER_CLIPPING_RTOL = 1e-5
 that calls ``self.clip_gradients``), a sampled step counts as clipped by the caller when the norm
 at the optimizer step is lower by more than this relative amount; unscaling AMP gradients in
 another order changes it by about 1e-7."""
+
+FINAL_PICTURES_AFTER_SECONDS = 30.0
+"""A fit whose training ran at least this long draws its final pictures (eigenvalues, the
+gradient-through-time curve and heatmap) at its last step, whatever its length in steps: drawing
+costs about 0.2 s a picture, three per layer, and is then a few percent of the fit at most. A
+shorter fit ends with its final spectra as numbers only (scalars, histograms), so that a short
+forecasting fit and every short refit of a retrain loop do not pay for drawing; a fit that took
+a full pass after step 0 draws them whatever its time (``benchmarks/fit_start.py`` measures it)."""
 
 LYAPUNOV_K = 8
 """Lyapunov exponents computed per layer by default: the top few say whether the layer expands

@@ -337,9 +337,9 @@ class GradHealthMonitor:
         scalars and histograms, finite values only; with ``pictures``, the eigenvalue pictures
         and the latest probe's curve and heatmap. ``pictures=None`` draws them when the run took a
         full pass after step 0 (``step > full_every_n_steps``: ``step`` counts the steps taken,
-        the last of which is ``step - 1``), so that each refit of a retrain loop is not slowed by
-        drawing (about 0.6 s per layer); the callback passes ``True`` at the end of the first fit
-        of a ``GradHealth`` and its copies, so that a short fit shows its final pictures too."""
+        the last of which is ``step - 1``), so that a short fit, and each short refit of a retrain
+        loop, is not slowed by drawing (about 0.6 s per layer); the callback passes ``True`` after
+        :data:`~lightning_gradhealth.defaults.FINAL_PICTURES_AFTER_SECONDS` of training."""
         if pictures is None:
             pictures = step > self.schedule.full_every_n_steps
         output = StepOutput()

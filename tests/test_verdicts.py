@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from conftest import PLSequenceModel, tensorboard_events, trainer_kwargs
-from lightning_gradhealth import GradHealth, tags
+from lightning_gradhealth import GradHealth, defaults, tags
 from lightning_gradhealth.config import MonitorConfig
 from lightning_gradhealth.health import LayerKind, advice, layer_verdict, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
@@ -162,7 +162,12 @@ def test_nan_gradients_through_time_and_nan_weights_send_no_nonfinite_scalar():
     assert len(said) == 1 and "not logged" in said[0]
 
 
-def test_the_last_step_of_a_short_fit_has_the_final_spectra_and_pictures_in_tensorboard(tmp_path):
+@pytest.mark.parametrize("pictures_after_seconds, picture_steps", [(0.0, [30]), (3600.0, [])])
+def test_the_last_step_of_a_short_fit_has_the_final_spectra_and_pictures_in_tensorboard(
+    tmp_path, monkeypatch, pictures_after_seconds, picture_steps
+):
+    """The final spectra always; the final pictures after FINAL_PICTURES_AFTER_SECONDS of training."""
+    monkeypatch.setattr(defaults, "FINAL_PICTURES_AFTER_SECONDS", pictures_after_seconds)
     torch.manual_seed(0)
     logger = TensorBoardLogger(tmp_path, name="run")
     health = GradHealth()  # the defaults: a full pass at step 0 only, under Lightning's log_every_n_steps=50
@@ -177,4 +182,6 @@ def test_the_last_step_of_a_short_fit_has_the_final_spectra_and_pictures_in_tens
     for scalars in (events.Scalars(tag) for tag in events.Tags()["scalars"] if tag.startswith("gradhealth/")):
         assert all(math.isfinite(event.value) for event in scalars)
     for picture in ("eigenvalues", "timestep_grad_norms", "timestep_heatmap"):
-        assert [image.step for image in events.Images(tags.layer_tag(LayerKey("rnn", 0), picture))] == [30]
+        tag = tags.layer_tag(LayerKey("rnn", 0), picture)
+        drawn = [image.step for image in events.Images(tag)] if tag in events.Tags()["images"] else []
+        assert drawn == picture_steps
