@@ -1,6 +1,7 @@
-"""GradHealth against other ways of watching gradients: training time on CPU, interleaved in one process.
+"""GradHealth against other ways of watching gradients: training time, interleaved in one process.
 
-Two workloads (``--workload``), each trained by a real ``pytorch_lightning.Trainer`` on CPU with a
+Two workloads (``--workload``), each trained by a real ``pytorch_lightning.Trainer`` (on CUDA when
+there is a GPU, cuDNN's fused layers; else on the CPU; ``--accelerator`` chooses) with a
 ``TensorBoardLogger`` writing to a temporary directory, MSE loss on the last step through a linear
 head, Adam:
 
@@ -10,51 +11,58 @@ head, Adam:
 The table's rows:
 
 1. no monitoring;
-2. ``GradHealth()`` at its defaults under Lightning's ``log_every_n_steps=50``: ``sigma_max`` and
+2. no monitoring again, on a second Trainer: the benchmark's resolution. Its ratio to row 1 would
+   be 1 but for noise and for what makes one Trainer run faster than another in the same
+   process; rows 3 and 4 are worth that much less than their three decimals;
+3. ``GradHealth()`` at its defaults under Lightning's ``log_every_n_steps=50``: ``sigma_max`` and
    the gradient norms every 50 steps, the dL/dh_t probe every ``PROBE_EVERY_N_LOGS`` x 50 steps
    (step 0 included), full spectra, histograms and pictures every ``FULL_EVERY_N_LOGS`` x 50
    steps (with the probe); goal: at most 1.01x;
-3. probe every step, ``GradHealth(log_every_n_steps=1)``: the probe and ``sigma_max`` on every
+4. probe every step, ``GradHealth(log_every_n_steps=1)``: the probe and ``sigma_max`` on every
    step, full passes on their default schedule (every ``FULL_EVERY_N_LOGS`` steps); goal: at most
    2x on the reference LSTM;
 
 and, for ``lstm`` only, the alternatives:
 
-4. ``GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)``: all of
+5. ``GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)``: all of
    it, clipping included, on every step;
-5. Lightning's ``grad_norm``: ``self.log_dict(grad_norm(self, norm_type=2))`` in the module's
+6. Lightning's ``grad_norm``: ``self.log_dict(grad_norm(self, norm_type=2))`` in the module's
    ``on_before_optimizer_step``, ``Trainer(log_every_n_steps=1)``;
-6. TensorBoard histograms of every parameter's gradient and of every parameter on every step
+7. TensorBoard histograms of every parameter's gradient and of every parameter on every step
    (``writer.add_histogram``, 12 histograms a step).
 
 How it measures. Each variant has one Trainer that lives for the whole run, in its own thread; the
 threads take turns, one training step per turn, so only one runs at a time and the variants' steps
 are interleaved step by step: a burst of load on the shared machine hits all of them alike. A
-round gives each variant one window of consecutive steps, spread evenly over the round. A step's
-time runs from its ``on_train_batch_start`` to that of the variant's next step, the hand-over left
-out, so it holds everything the loop does (data, forward, backward, callbacks, Lightning's
-logging, optimizer); each window ends with a flush of the variant's TensorBoard writer, so each
-variant pays for writing its own events. All threads allocate from one malloc arena, as the one
-thread of a real training run does: with glibc's default of one arena per thread, identical
-variants measured up to 20% apart, depending on the thread. Left out, for every variant alike: Trainer start-up,
-step 0 (shown once, apart) and the first round (warm-up). Each round gives every row's ms/step
-over ms/step without monitoring; the table shows medians over the rounds.
+round gives each variant one window of consecutive steps, spread evenly over the round
+(:func:`measure` says in which order). A step's time runs from its ``on_train_batch_start`` to
+that of the variant's next step, the hand-over left out, so it holds everything the loop does
+(data, forward, backward, callbacks, Lightning's logging, optimizer); each window ends with a
+flush of the variant's TensorBoard writer, so each variant pays for writing its own events. All
+threads allocate from one malloc arena, as the one thread of a real training run does
+(:func:`_one_malloc_arena`). Left out, for every variant alike: Trainer start-up, step 0 (shown
+once, apart) and the first round (warm-up). Each round gives every row's ms/step over ms/step
+without monitoring; the table shows medians over the rounds.
 
-Rows 2 and 3 mix kinds of steps at rates no window of a run this short can hold (one full pass
-in 1000 steps), so each kind is timed on its own Trainer, every round, and weighted by how often
+Rows 3 and 4 mix kinds of steps at rates no window of a run this short can hold (one full pass
+in 2000 steps), so each kind is timed on its own Trainer, every round, and weighted by how often
 the schedule runs it (the package's own ``Schedule``, over one period of full passes):
 
 - other steps: ``GradHealth(log_every_n_steps=10**9)`` after step 0 (a counter check and the
   NaN/Inf check), ``window`` steps a round, as many as without monitoring;
 - logging steps without the probe: ``GradHealth(log_every_n_steps=1, probe_every_n_steps=10**9,
   full_every_n_steps=10**9)`` (``sigma_max``, gradient norms, their scalars);
-- probe steps: ``GradHealth(log_every_n_steps=1, full_every_n_steps=10**9)``;
+- probe steps without the Lyapunov exponents: ``GradHealth(log_every_n_steps=1,
+  full_every_n_steps=10**9, lyapunov_k=0)``;
+- probe steps that take the exponents: from ``GradHealth(log_every_n_steps=1,
+  full_every_n_steps=10**9)``, whose probe takes them every ``PROBE_EVERY_N_LOGS`` = 8 steps,
+  timed in windows of 8 steps (each holds one such step): 8 x its ms/step less 7 probe steps;
 - full passes: ``GradHealth(log_every_n_steps=1, full_every_n_steps=1)`` (probe, full spectra,
   histograms, pictures).
 
 Usage:
-    python benchmarks/alternatives.py                    # reference LSTM, 8 rounds, about 6 minutes on 2 cores
-    python benchmarks/alternatives.py --workload gru     # 2 x 512 GRU, T = 200: about 1 minute a round
+    python benchmarks/alternatives.py                    # reference LSTM, 8 rounds, about 10 minutes on 2 cores
+    python benchmarks/alternatives.py --workload gru     # 2 x 512 GRU, T = 200: about 3 minutes a round
     python benchmarks/alternatives.py --quick            # a smoke check: one round, shortest windows
 """
 
@@ -79,6 +87,7 @@ from pytorch_lightning.utilities import grad_norm
 from torch import nn
 
 from lightning_gradhealth import GradHealth
+from lightning_gradhealth.defaults import PROBE_EVERY_N_LOGS
 from lightning_gradhealth.trackers import Schedule
 
 TRAINER_LOG_EVERY = 50  # Lightning's default log_every_n_steps, the interval GradHealth() takes up
@@ -107,7 +116,7 @@ WORKLOADS = {
         256,
         100,
         64,
-        window=50,
+        window=40,
         alternatives=True,
     ),
     "gru": Workload(
@@ -117,7 +126,7 @@ WORKLOADS = {
         512,
         200,
         64,
-        window=10,
+        window=8,
         alternatives=False,
     ),
 }
@@ -194,43 +203,55 @@ class Variant:
 
 VARIANTS = {
     "none": Variant("no monitoring"),
+    "again": Variant("no monitoring, a second Trainer (the benchmark's resolution)"),
     "other": Variant("GradHealth(), its other steps", callbacks=lambda: [GradHealth(log_every_n_steps=NEVER)]),
     "logging": Variant(
         "GradHealth(), its logging steps without the probe",
-        5,
+        4,
         lambda: [GradHealth(log_every_n_steps=1, probe_every_n_steps=NEVER, full_every_n_steps=NEVER)],
     ),
-    "probe": Variant("GradHealth(), its probe steps", 5, lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=NEVER)]),
+    "probe": Variant(
+        "GradHealth(), its probe steps without the exponents",
+        4,
+        lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=NEVER, lyapunov_k=0)],
+    ),
+    "probe_1_in_8": Variant(
+        "GradHealth(), probe steps, the exponents on 1 in 8",
+        PROBE_EVERY_N_LOGS,
+        lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=NEVER)],
+    ),
     "full": Variant("GradHealth(), its full passes", 2, lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=1)]),
     "everything": Variant(
         '`GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)`',
-        5,
+        4,
         lambda: [GradHealth(log_every_n_steps=1, full_every_n_steps=1, clip="norm", clip_val=1.0)],
         alternative=True,
     ),
     "grad_norm": Variant(
-        "Lightning `grad_norm` logged every step", 25, module=_SequencesWithGradNorm, trainer_log_every=1, alternative=True
+        "Lightning `grad_norm` logged every step", 20, module=_SequencesWithGradNorm, trainer_log_every=1, alternative=True
     ),
     "histograms": Variant(
-        "TensorBoard histograms of all gradients and weights every step", 10, lambda: [_Histograms()], alternative=True
+        "TensorBoard histograms of all gradients and weights every step", 8, lambda: [_Histograms()], alternative=True
     ),
 }
 
 
 def step_mix(schedule: Schedule, period: int) -> dict[str, int]:
-    """How many steps of each kind (``other``, ``logging``, ``probe``, ``full``) ``schedule``
-    runs over ``period`` steps (a multiple of its full interval).
+    """How many steps of each kind (``other``, ``logging``, ``probe``, ``exponents``: a probe
+    step that takes the Lyapunov exponents, ``full``) ``schedule`` runs over ``period`` steps (a
+    multiple of its full interval).
 
     Examples:
         >>> schedule = Schedule(log_every_n_steps=5, full_every_n_steps=20, probe_every_n_steps=10)
         >>> schedule.resolve()
         >>> step_mix(schedule, 20)
-        {'other': 16, 'logging': 2, 'probe': 1, 'full': 1}
+        {'other': 16, 'logging': 2, 'probe': 0, 'exponents': 1, 'full': 1}
     """
-    mix = dict.fromkeys(("other", "logging", "probe", "full"), 0)
+    mix = dict.fromkeys(("other", "logging", "probe", "exponents", "full"), 0)
     for step in range(period):
         plan = schedule.update(step, optimizer="")
-        kind = "full" if plan.full else "probe" if plan.probe else "logging" if plan.measure else "other"
+        probe = "exponents" if plan.exponents else "probe"
+        kind = "full" if plan.full else probe if plan.probe else "logging" if plan.measure else "other"
         mix[kind] += 1
     schedule.reset()
     return mix
@@ -265,9 +286,11 @@ class _Runner(pl.Callback):
     ``(k + 1) * window``; its last step includes a flush of the TensorBoard writer.
     """
 
-    def __init__(self, workload: Workload, variant: Variant, window: int, windows: int, logdir: str, name: str) -> None:
+    def __init__(
+        self, workload: Workload, variant: Variant, window: int, windows: int, logdir: str, name: str, accelerator: str
+    ) -> None:
         self.workload, self.variant, self.window, self.windows = workload, variant, window, windows
-        self.logdir, self.name = logdir, name
+        self.logdir, self.name, self.accelerator = logdir, name, accelerator
         self.step_times: dict[int, float] = {}
         self.error: Optional[BaseException] = None
         self._go, self._paused = threading.Event(), threading.Event()
@@ -286,7 +309,8 @@ class _Runner(pl.Callback):
                 enable_checkpointing=False,
                 enable_progress_bar=False,
                 enable_model_summary=False,
-                accelerator="cpu",
+                accelerator=self.accelerator,
+                devices=1,
                 log_every_n_steps=self.variant.trainer_log_every,
             )
             loader = torch.utils.data.DataLoader(_Batches(self.workload, steps), batch_size=None)
@@ -297,6 +321,8 @@ class _Runner(pl.Callback):
             self._paused.set()
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if self.accelerator == "cuda":  # the step's kernels are done when its time is read
+            torch.cuda.synchronize()
         step = trainer.global_step
         if step == 0:
             self._last = time.perf_counter()
@@ -346,7 +372,7 @@ def _one_malloc_arena() -> None:
     libc.mallopt(m_arena_max, 1)
 
 
-def _warm_up(workload: Workload, logdir: str) -> None:
+def _warm_up(workload: Workload, logdir: str, accelerator: str) -> None:
     """A short unmonitored fit, so that no variant's step 0 pays for the process's first kernels."""
     trainer = pl.Trainer(
         max_steps=3,
@@ -354,36 +380,39 @@ def _warm_up(workload: Workload, logdir: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
     )
     trainer.fit(_Sequences(workload), torch.utils.data.DataLoader(_Batches(workload, 3), batch_size=None))
 
 
-PAIR = ("none", "other")  # the two variants whose ratio weighs most: measured back to back, in turns
+GROUP = ("none", "again", "other")  # the plain steps, whose ratio weighs most: back to back, in turns
 
 
-def measure(workload: Workload, rounds: int, quick: bool, logdir: str) -> tuple[dict[str, _Runner], list[float]]:
+def measure(
+    workload: Workload, rounds: int, quick: bool, logdir: str, accelerator: str = "cpu"
+) -> tuple[dict[str, _Runner], list[float]]:
     """Run every variant of ``workload`` for ``rounds`` windows, interleaved step by step; return
     the runners and each round's seconds.
 
     A round has as many slots as the longest window; a variant with a window of ``w`` steps runs
     one step in every ``slots / w`` slots. A slot runs its other variants, in an order that flips
-    from one slot to the next, then the :data:`PAIR`, whose order flips too. Every measured step
-    follows a plain step: one of an unmeasured buffer Trainer before each variant and before
-    the pair, the pair's partner after that. Some variants slow down whatever step runs right
-    after theirs (TensorBoard histograms: +40 ms on the next LSTM step, whoever's it is), and a
-    plain step between them keeps that off the variant that happens to come next.
+    from one slot to the next, then the :data:`GROUP`, in an order that rotates. Every measured
+    step follows a plain step: one of an unmeasured buffer Trainer before each variant and before
+    the group, the group's previous member after that. Some variants slow down whatever step runs
+    right after theirs (TensorBoard histograms: +40 ms on the next LSTM step, whoever's it is),
+    and a plain step between them keeps that off the variant that happens to come next.
     """
-    _warm_up(workload, logdir)
+    _warm_up(workload, logdir, accelerator)
     chosen = {key: variant for key, variant in VARIANTS.items() if workload.alternatives or not variant.alternative}
     runners = {
-        key: _Runner(workload, variant, variant.steps_per_turn(workload, quick), rounds, logdir, key)
+        key: _Runner(workload, variant, variant.steps_per_turn(workload, quick), rounds, logdir, key, accelerator)
         for key, variant in chosen.items()
     }
     slots = max(runner.window for runner in runners.values())
-    pair, others = [runners[key] for key in PAIR], [runner for key, runner in runners.items() if key not in PAIR]
+    group, others = [runners[key] for key in GROUP], [runner for key, runner in runners.items() if key not in GROUP]
     buffer_turns = slots + sum(runner.window for runner in others)  # per round
-    buffer = _Runner(workload, Variant("buffer"), buffer_turns, rounds, logdir, "buffer")
+    buffer = _Runner(workload, Variant("buffer"), buffer_turns, rounds, logdir, "buffer", accelerator)
     for runner in [buffer, *runners.values()]:
         runner.turn()
     round_seconds = []
@@ -396,7 +425,7 @@ def measure(workload: Workload, rounds: int, quick: bool, logdir: str) -> tuple[
                     buffer.turn()
                     runner.turn()
             buffer.turn()
-            for runner in pair[::order]:
+            for runner in group[slot % len(group) :] + group[: slot % len(group)]:
                 runner.turn()
         round_seconds.append(time.perf_counter() - start)
     for runner in [buffer, *runners.values()]:
@@ -408,25 +437,27 @@ def per_step_ms(runners: dict[str, _Runner], round_index: int) -> dict[str, floa
     """ms per step of every variant in one round, and of each composite: its kinds of steps
     weighted by how often its schedule runs them."""
     ms = {key: runner.window_ms(round_index) for key, runner in runners.items()}
+    ms["exponents"] = PROBE_EVERY_N_LOGS * ms["probe_1_in_8"] - (PROBE_EVERY_N_LOGS - 1) * ms["probe"]
     for key, (_, mix) in COMPOSITES.items():
         ms[key] = sum(count * ms[kind] for kind, count in mix.items()) / sum(mix.values())
-    ms["default_without_full"] = ms["default"] - COMPOSITES["default"][1]["full"] * (ms["full"] - ms["probe"]) / sum(
+    ms["default_without_full"] = ms["default"] - COMPOSITES["default"][1]["full"] * (ms["full"] - ms["exponents"]) / sum(
         COMPOSITES["default"][1].values()
     )
     return ms
 
 
-def machine() -> str:
-    """CPU model, cores, torch and Lightning versions, threads."""
+def machine(accelerator: str = "cpu") -> str:
+    """CPU model, cores, torch and Lightning versions, threads; the GPU when it runs there."""
     model = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    gpu = f", on {torch.cuda.get_device_name()} (cuDNN {torch.backends.cudnn.version()})" if accelerator == "cuda" else ""
     return (
         f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"pytorch-lightning {pl.__version__}"
+        f"pytorch-lightning {pl.__version__}{gpu}"
     )
 
 
@@ -442,7 +473,8 @@ def report(runners: dict[str, _Runner], warm_up_rounds: int) -> None:
         return [values[key] / values["none"] for values in per_round]
 
     # (row, label, the runner whose step 0 is the row's): a composite's step 0 is that of its first kind of step
-    rows = [("none", "no monitoring", "none"), ("default", COMPOSITES["default"][0], "other")]
+    rows = [("none", "no monitoring", "none"), ("again", VARIANTS["again"].label, "again")]
+    rows += [("default", COMPOSITES["default"][0], "other")]
     rows += [("every_step", COMPOSITES["every_step"][0], "probe")]
     rows += [(key, VARIANTS[key].label, key) for key in ("everything", "grad_norm", "histograms") if key in runners]
     print("| variant | ms/step | x no monitoring (median) | range over rounds | step 0 (once, not included) |")
@@ -452,13 +484,14 @@ def report(runners: dict[str, _Runner], warm_up_rounds: int) -> None:
         step_0 = runners[step_0_of].step_times[0] * 1e3
         print(f"| {label} | {median(key):.1f} | {statistics.median(ratios(key)):.3f}x | {spread} | {step_0:.0f} ms |")
     print()
-    kinds = ", ".join(f"{kind} {median(kind):.1f}" for kind in ("none", "other", "logging", "probe", "full"))
+    kinds = ("none", "again", "other", "logging", "probe", "exponents", "full")
+    kinds = ", ".join(f"{kind} {median(kind):.1f}" for kind in kinds)
     mix = ", ".join(f"{count} {kind}" for kind, count in COMPOSITES["default"][1].items())
     print(f"ms per step by kind (medians): {kinds}")
     print(
         f"GradHealth() per {DEFAULTS.full_every_n_steps} steps: {mix}; without the full pass's share: "
         f"{statistics.median(ratios('default_without_full')):.3f}x; probe step / plain step: "
-        f"{statistics.median(values['probe'] / values['none'] for values in per_round):.2f}x"
+        f"{statistics.median(ratios('probe')):.2f}x, with the exponents {statistics.median(ratios('exponents')):.2f}x"
     )
 
 
@@ -468,7 +501,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round, no warm-up round, shortest windows: a smoke check")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds, after one warm-up round (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--accelerator",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the Trainers run (default: cuda when present, else cpu); on cuda a step's time ends after a synchronize",
+    )
     args = parser.parse_args()
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        parser.error("--accelerator cuda: torch finds no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -478,12 +519,12 @@ def main() -> None:
     _one_malloc_arena()
     workload = WORKLOADS[args.workload]
     warm_up_rounds, rounds = (0, 1) if args.quick else (1, args.rounds)
-    print(machine())
+    print(machine(args.accelerator))
     print(f"{workload.label}, Adam, TensorBoardLogger; {rounds} measured rounds after {warm_up_rounds} warm-up round")
     print()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logdir:
-        runners, round_seconds = measure(workload, warm_up_rounds + rounds, args.quick, logdir)
+        runners, round_seconds = measure(workload, warm_up_rounds + rounds, args.quick, logdir, args.accelerator)
     windows = ", ".join(f"{key} {runner.window}" for key, runner in runners.items())
     print(f"steps per round: {windows}\n")
     report(runners, warm_up_rounds)
