@@ -195,8 +195,9 @@ class GradHealth(CallbackBase):
             :data:`~lightning_gradhealth.defaults.FULL_EVERY_N_LOGS` x ``log_every_n_steps``; it
             must be a multiple of ``log_every_n_steps`` when both are given, and is rounded up to
             one when the interval comes from the Trainer.
-        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes on
-            its steps (default :data:`~lightning_gradhealth.defaults.LYAPUNOV_K`; 0: none): the
+        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes, at
+            most every :data:`~lightning_gradhealth.defaults.PROBE_EVERY_N_LOGS` logging
+            intervals (default :data:`~lightning_gradhealth.defaults.LYAPUNOV_K`; 0: none): the
             growth rates per step of the product of the state-to-state Jacobians along the
             trajectory the layer took (:mod:`lightning_gradhealth.lyapunov`).
         lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count.

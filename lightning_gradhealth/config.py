@@ -100,8 +100,9 @@ class MonitorConfig:
             passes happen on logging steps, so it must be a multiple of ``log_every_n_steps``
             when both are given; against an interval resolved at attach time it is rounded up
             to the next multiple.
-        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes on
-            its steps (:mod:`~lightning_gradhealth.lyapunov`: the growth rates of the product of
+        lyapunov_k: how many Lyapunov exponents of each recurrent layer the probe computes, at
+            most every ``PROBE_EVERY_N_LOGS`` logging intervals (``Schedule.takes_exponents``;
+            :mod:`~lightning_gradhealth.lyapunov`: the growth rates of the product of
             the state-to-state Jacobians along the trajectory the layer took); 0: none.
         lyapunov_warmup: leading steps of each sequence whose growth the exponents do not count
             (the tangent frame still evolves through them, turning towards the directions that
