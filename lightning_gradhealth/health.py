@@ -35,29 +35,53 @@ given as a measurement. The verdict is "vanishing", its reason saying "below", w
 under the vanishing threshold (always, unless :math:`g_{T-1}` itself is within a factor
 ``1 / vanish_below`` of :math:`\epsilon_{\min}`: then nothing is decided, "unmeasured").
 
-The layer or the loss. A transmission far below 0 has two causes that call for opposite
-responses: the layer cannot carry gradient (it forgets), or the loss does not ask it to (it reads
-the last steps only, or sends its gradient into directions the layer lets fade). The layer's
-largest Lyapunov exponent :math:`\lambda_1` (:mod:`~lightning_gradhealth.lyapunov`) measures the
-layer whatever the loss: :math:`e^{\lambda_1 (T - 1)}` is the most that the product of its
-state-to-state Jacobians keeps of any perturbation over the T - 1 steps from the first state to
-the last, and the transposed product carries dL/dh back over the same steps with the same
-singular values. So :func:`carried_decades`, :math:`\lambda_1 (T - 1) / \ln 10`, is the best
-transmission the layer could give any gradient entering at the last step. The rule:
+The layer or the loss. A transmission far below 0 has three causes, which call for different
+responses: the layer cannot carry a gradient even a few steps (it is broken, whatever the task);
+it carries one some steps, but not across the sequence (its memory is short: enough for a task
+whose dependencies are shorter, not for one whose are longer); or the loss does not ask it to
+(it reads the last steps only, or sends its gradient into directions the layer lets fade). No
+gradient measurement tells which dependencies the task has: a loss on the last step of the
+adding problem, whose target depends on the first steps, and a loss on the last 10 steps of a
+forecaster that needs 10 steps of memory send the same gradient. What can be measured is the
+layer's own memory. Its largest Lyapunov exponent :math:`\lambda_1`
+(:mod:`~lightning_gradhealth.lyapunov`) measures the layer whatever the loss:
+:math:`e^{\lambda_1 n}` is the most that the product of n of its state-to-state Jacobians keeps
+of any perturbation, and the transposed product carries dL/dh back over the same steps with the
+same singular values. From it:
 
-- the gradient vanishes (transmission below :math:`\log_{10}` ``vanish_below``) and the layer
-  carries (``carried_decades`` at or above that threshold): the loss only asks for short memory.
-  The verdict is "healthy", its reason saying so (:data:`SHORT_MEMORY`);
-- the gradient vanishes and the layer cannot carry it across the sequence: "vanishing", with the
-  layer's own numbers (:math:`\lambda_1`, the steps over which it keeps a gradient within
-  ``1 / vanish_below``, the saturation, and for a plain RNN the bound :math:`\sigma_{\max}` of
-  its recurrent matrix puts on every step, tanh and ReLU having slopes of at most 1);
-- the gradient grows toward the first step (transmission above :math:`\log_{10}`
-  ``explode_above``) while the layer contracts (:math:`\lambda_1 \le 0`): the growth is the
-  loss's, whose gradient is larger at the early steps (:data:`EARLY_LOSS`), "healthy" too;
-  with :math:`\lambda_1 > 0`, "exploding";
-- without :math:`\lambda_1` (``lyapunov_k=0``, a custom cell) the transmission decides alone,
-  and the reason says that the cause was not told apart.
+- :func:`carried_decades`, :math:`\lambda_1 (T - 1) / \ln 10`: the best transmission the layer
+  could give any gradient entering at the last step;
+- :func:`memory_steps`, :math:`\ln(\mathrm{vanish\_below}) / \lambda_1`: over how many steps
+  the layer keeps a gradient within ``vanish_below`` (1e-3 by default: 3 decades), its memory
+  in the terms the transmission is judged in (:math:`1 / |\lambda_1|`, the steps per factor e,
+  is the report's column).
+
+The rule, for a gradient that vanishes (transmission below :math:`\log_{10}` ``vanish_below``):
+
+- the layer carries it across the sequence (memory at least T - 1 steps): the loss asks for
+  short memory only (:data:`RECENT_LOSS`). The verdict is "healthy", its reason saying so;
+- the layer's memory is shorter than the sequence but at least :data:`MEMORY_STEPS` (10) steps:
+  "short memory" (:data:`SHORT_MEMORY`), information, not a problem. The reason gives the memory
+  and :math:`1 / |\lambda_1|`, says that it is enough for dependencies shorter than that, and
+  what usually lengthens it, for a task that needs longer ones. A GRU or LSTM at PyTorch's
+  default or orthogonal init on random inputs has :math:`\lambda_1` of -0.3 to -0.5 (memory 14
+  to 21 steps: hidden 32, T = 60), a tanh RNN at PyTorch's default -0.55 (13 steps): a loss on
+  their last 10 steps leaves a transmission of -5 to -12 decades, and nothing is wrong;
+- the layer's memory is shorter than :data:`MEMORY_STEPS` steps (or than the sequence, when
+  that is shorter): "vanishing". Losing the factor ``vanish_below`` within 10 steps means more
+  than halving every gradient at every step (:math:`2^{10} = 1024`): the layer cannot relate
+  even the steps of a short window, whatever the task. The reason gives the layer's own numbers
+  (:math:`\lambda_1`, its memory, the saturation, and for a plain RNN the bound
+  :math:`\sigma_{\max}` of its recurrent matrix puts on every step, tanh and ReLU having slopes
+  of at most 1, so that :math:`\lambda_1 \le \ln \sigma_{\max}`). A tanh RNN with the small
+  uniform init (:math:`\lambda_1 \approx -3.5`, :math:`\sigma_{\max} < 0.1` at init) or with
+  60% of its units saturated (:math:`\lambda_1 \approx -1.9`) is vanishing.
+
+A gradient that grows toward the first step (transmission above :math:`\log_{10}`
+``explode_above``) while the layer contracts (:math:`\lambda_1 \le 0`) grows by the loss's doing,
+whose gradient is larger at the early steps (:data:`EARLY_LOSS`): "healthy" too; with
+:math:`\lambda_1 > 0`, "exploding". Without :math:`\lambda_1` (``lyapunov_k=0``, a custom cell)
+the transmission decides alone, and the reason says that the cause was not told apart.
 
 The exponent comes from the probe's sampled sequences and a fixed starting frame, which can only
 underestimate the growth of the most persistent direction: the rule errs toward "vanishing",
@@ -84,6 +108,9 @@ from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, SATURAT
 
 __all__ = [
     "EARLY_LOSS",
+    "MEMORY_STEPS",
+    "NEEDS_ATTENTION",
+    "RECENT_LOSS",
     "REPORT_WIDTH",
     "SHORT_MEMORY",
     "VERDICTS",
@@ -97,15 +124,29 @@ __all__ = [
     "describe_rate",
     "diagnose_timesteps",
     "layer_verdict",
+    "memory_steps",
     "summarize_timesteps",
 ]
 
 REPORT_WIDTH = 100
 """Advice paragraphs (in the report and the notices) are wrapped to this many characters a line."""
 
-SHORT_MEMORY = "short_memory"
+RECENT_LOSS = "recent_loss"
 """The condition of a layer whose gradient through time vanishes while the layer itself carries
-it (see the module docs): the loss asks for short memory only. Not a problem."""
+it across the sequence (see the module docs): the loss asks for short memory only. Not a problem."""
+
+SHORT_MEMORY = "short_memory"
+"""The condition of a layer whose gradient through time vanishes and whose own memory
+(:func:`memory_steps`) is shorter than the sequence but at least :data:`MEMORY_STEPS` steps:
+enough for a task whose dependencies are shorter, not for one whose are longer. Information,
+not a problem: the verdict "short memory"."""
+
+MEMORY_STEPS = 10
+"""The fewest steps over which a recurrent layer must keep a gradient within ``vanish_below`` not
+to be "vanishing" whatever the task: with the default 1e-3, a layer that loses it faster more
+than halves every gradient at every step (2^10 = 1024) and cannot relate even the steps of a
+short window. Gated cells at PyTorch's default or orthogonal init keep one 14 to 21 steps, the
+small uniform init 2 (module docs)."""
 
 EARLY_LOSS = "early_loss"
 """The condition of a layer whose gradient through time grows toward the first step while the
@@ -220,44 +261,71 @@ def carried_decades(lyapunov_max: float, steps: int) -> float:
     return lyapunov_max * (steps - 1) / math.log(10)
 
 
+def memory_steps(lyapunov_max: float, vanish_below: float = VANISH_BELOW) -> float:
+    r"""The layer's memory: over how many steps its dynamics keep a gradient within ``vanish_below``,
+    :math:`\ln(\mathrm{vanish\_below}) / \lambda_1` from its largest Lyapunov exponent (natural
+    log per step); ``inf`` when :math:`\lambda_1 \ge 0` (nothing fades), 0 for
+    :math:`\lambda_1 = -\infty` (a direction mapped to zero).
+
+    Examples:
+        >>> round(memory_steps(-0.33), 1), round(memory_steps(-3.5), 1), memory_steps(0.0)
+        (20.9, 2.0, inf)
+    """
+    if lyapunov_max >= 0:
+        return math.inf
+    return math.log(vanish_below) / lyapunov_max
+
+
 def diagnose_timesteps(
     summary: TimestepSummary,
     vanish_below: float = VANISH_BELOW,
     explode_above: float = EXPLODE_ABOVE,
     lyapunov_max: Optional[float] = None,
 ) -> Optional[str]:
-    """``"nonfinite"``, ``"vanishing"``, ``"exploding"``, :data:`SHORT_MEMORY`, :data:`EARLY_LOSS`
-    or ``None`` (healthy) for one summary; the last three are not problems.
+    """``"nonfinite"``, ``"vanishing"``, ``"exploding"``, :data:`SHORT_MEMORY`, :data:`RECENT_LOSS`,
+    :data:`EARLY_LOSS` or ``None`` (healthy) for one summary; the last four are not problems.
 
     Vanishing: the gradient at the first step is below ``vanish_below`` times the gradient at
     the last step (transmission < log10(vanish_below)); exploding: above ``explode_above`` times.
     An underflowed first step (``transmission`` a bound) is vanishing when the bound is below
     the threshold, and never exploding. With the layer's largest Lyapunov exponent
     ``lyapunov_max`` the cause is told apart (module docs): a vanishing gradient through a layer
-    that carries it (:func:`carried_decades` at or above log10(``vanish_below``)) is
+    whose memory (:func:`memory_steps`) spans the sequence is :data:`RECENT_LOSS`, through one
+    whose memory is shorter than the sequence but at least :data:`MEMORY_STEPS` steps
     :data:`SHORT_MEMORY`; a growing one through a layer that contracts (``lyapunov_max <= 0``)
     is :data:`EARLY_LOSS`.
 
     Examples:
         >>> summary = summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0]))
         >>> diagnose_timesteps(summary), diagnose_timesteps(summary, lyapunov_max=-0.01)
-        ('vanishing', 'short_memory')
+        ('vanishing', 'recent_loss')
         >>> diagnose_timesteps(summary, lyapunov_max=-3.5)
         'vanishing'
+        >>> long = summarize_timesteps(torch.logspace(-7, 0, 60))   # T = 60: x0.76 per step
+        >>> diagnose_timesteps(long, lyapunov_max=-0.33), diagnose_timesteps(long, lyapunov_max=-1.0)
+        ('short_memory', 'vanishing')
     """
     if not summary.finite:
         return "nonfinite"
     known = lyapunov_max is not None and not math.isnan(lyapunov_max)
     if summary.transmission < math.log10(vanish_below):
-        if known and carried_decades(lyapunov_max, summary.steps) >= math.log10(vanish_below):  # type: ignore[arg-type]
-            return SHORT_MEMORY
-        return "vanishing"
+        if not known:
+            return "vanishing"
+        memory = memory_steps(lyapunov_max, vanish_below)  # type: ignore[arg-type]
+        if memory >= summary.steps - 1:
+            return RECENT_LOSS
+        return SHORT_MEMORY if memory >= MEMORY_STEPS else "vanishing"
     if summary.transmission > math.log10(explode_above) and not summary.transmission_is_bound:
         return EARLY_LOSS if known and lyapunov_max <= 0 else "exploding"  # type: ignore[operator]
     return None
 
 
-VERDICTS = ("healthy", "vanishing", "exploding", "saturating", "unmeasured")
+VERDICTS = ("healthy", "short memory", "vanishing", "exploding", "saturating", "unmeasured")
+"""Every verdict a layer can get; those in :data:`NEEDS_ATTENTION` are problems of the layer."""
+
+NEEDS_ATTENTION = ("vanishing", "exploding", "saturating")
+"""The verdicts that make the report say "needs attention": the layer's own measures show a
+problem. "short memory" is information (module docs); "unmeasured" says what was not measured."""
 
 
 @dataclass(frozen=True)
@@ -301,7 +369,7 @@ class LayerHealth:
         lyapunov_max: the latest largest Lyapunov exponent of the layer's dynamics, natural log
             per step (:mod:`~lightning_gradhealth.lyapunov`; ``None``: not computed).
         advice: for a vanishing or exploding layer, what usually helps it (:func:`advice`), one
-            sentence; ``None`` otherwise.
+            sentence; ``None`` otherwise (a "short memory" reason ends with what would lengthen it).
     """
 
     layer: str
@@ -346,9 +414,18 @@ class LayerKind:
         return f"{_CELL_NAMES.get(self.cell_type or '', 'layer')}, {init}"
 
 
-def advice(condition: str, kind: LayerKind = LayerKind(), steps: Optional[int] = None, saturation: Optional[float] = None) -> str:
+def advice(
+    condition: str,
+    kind: LayerKind = LayerKind(),
+    steps: Optional[int] = None,
+    saturation: Optional[float] = None,
+    memory: Optional[float] = None,
+) -> str:
     """What usually helps a ``"vanishing"``, ``"exploding"`` or ``"nonfinite"`` layer, as one
-    sentence, leaving out what the layer already is or has (its cell type, its init, clipping).
+    sentence, leaving out what the layer already is or has (its cell type, its init, clipping);
+    for a layer with :data:`SHORT_MEMORY`, what lengthens its memory of about ``memory`` steps
+    (:func:`memory_steps`) should the task need longer dependencies: the vanishing advice
+    without the shorter sequence.
 
     Vanishing: orthogonal init (identity too for a ReLU RNN, Le et al. 2015) unless the layer has
     one of them; a gated cell instead of a plain RNN; for an LSTM chrono forget-gate biases
@@ -364,11 +441,16 @@ def advice(condition: str, kind: LayerKind = LayerKind(), steps: Optional[int] =
         What usually helps this layer (GRU, orthogonal init): a positive update-gate bias (the z block of \
 bias_hh_l*), so that h_t keeps more of h_(t-1), the GRU's counterpart of chrono init; or a shorter sequence or \
 truncated BPTT, when the dependencies the task needs are shorter than 100 steps.
+        >>> print(advice(SHORT_MEMORY, LayerKind("lstm", None), steps=60, memory=14.4))
+        If the task needs dependencies longer than about 14 steps, what usually helps this layer (LSTM, its init \
+left as it was (PyTorch's default unless loaded)): orthogonal init of the recurrent matrices \
+(GradHealth(init="orthogonal")); or chrono forget-gate biases for dependencies up to 60 steps (chrono_t_max=60), if \
+not set already.
     """
     cell, init = kind.cell_type, kind.init
     scheme = (init or "").split(" ")[0]
     helps: list[str] = []
-    if condition == "vanishing":
+    if condition in ("vanishing", SHORT_MEMORY):
         if scheme not in _CARRYING_INITS:
             helps.append(
                 'orthogonal init of the recurrent matrices (GradHealth(init="orthogonal"))'
@@ -390,10 +472,13 @@ truncated BPTT, when the dependencies the task needs are shorter than 100 steps.
             )
         if saturation is not None and saturation > SATURATING_ABOVE:
             helps.append(f"smaller or normalized inputs ({saturation:.0%} of the tanh units are saturated)")
-        helps.append(
-            "a shorter sequence or truncated BPTT, when the dependencies the task needs are shorter than "
-            + (f"{steps} steps" if steps else "the sequence")
-        )
+        if condition == "vanishing":
+            helps.append(
+                "a shorter sequence or truncated BPTT, when the dependencies the task needs are shorter than "
+                + (f"{steps} steps" if steps else "the sequence")
+            )
+        elif not helps:
+            helps.append("a cell whose state keeps more of itself at every step (a gated cell, a gate bias toward keeping)")
     else:
         clip = 'gradient clipping (GradHealth(clip="norm", clip_val=1.0))'
         helps.append("a lower clip_val (clipping is on)" if kind.clipping else clip)
@@ -407,29 +492,36 @@ truncated BPTT, when the dependencies the task needs are shorter than 100 steps.
         if condition == "nonfinite":
             helps.insert(0, "checking the loss and the input data for NaN/Inf")
     listed = "; ".join(helps[:-1]) + ("; or " if len(helps) > 1 else "") + helps[-1]
+    if condition == SHORT_MEMORY:
+        longer = "than the layer keeps" if memory is None else f"than about {memory:.0f} steps"
+        return f"If the task needs dependencies longer {longer}, what usually helps this layer ({kind.described}): {listed}."
     return f"What usually helps this layer ({kind.described}): {listed}."
 
 
 def _layer_evidence(
-    carried: Optional[float],
     lyapunov_max: Optional[float],
     steps: int,
     vanish_below: float,
     kind: LayerKind,
     spectrum: Optional[SpectrumSummary],
 ) -> str:
-    """Why the layer itself cannot carry a gradient across ``steps`` steps, in its own numbers."""
+    """Why the layer itself cannot carry a gradient a few steps, in its own numbers."""
     decades = -math.log10(vanish_below)
     parts = []
-    if carried is not None and lyapunov_max is not None:
-        if math.isinf(carried):
+    if lyapunov_max is not None:
+        if math.isinf(lyapunov_max):
             parts.append("lambda_1 = -inf: on this batch the layer maps a perturbation of its state to zero, nothing is carried")
         else:
-            keeps = decades / abs(lyapunov_max) if lyapunov_max < 0 else math.inf
+            memory = memory_steps(lyapunov_max, vanish_below)
+            short = (
+                f"the {steps - 1} steps of the sequence"
+                if steps - 1 <= MEMORY_STEPS
+                else f"{MEMORY_STEPS} (MEMORY_STEPS), below which a layer cannot relate even nearby steps"
+            )
             parts.append(
-                f"the layer itself forgets: lambda_1 = {lyapunov_max:+.3g} per step, so even its most persistent direction "
-                f"fades 10^{carried:+.1f} over the {steps - 1} steps (it keeps a gradient within 10^-{decades:g} for "
-                f"{keeps:.0f} steps)"
+                f"the layer itself forgets: lambda_1 = {lyapunov_max:+.3g} per step (1/|lambda_1| = {-1 / lyapunov_max:.2g} "
+                f"steps), so it keeps a gradient within 10^-{decades:g} for {memory:.1f} steps, fewer than {short} (its "
+                f"most persistent direction fades 10^{carried_decades(lyapunov_max, steps):+.1f} over the {steps - 1} steps)"
             )
     sigma_max = math.nan if spectrum is None else spectrum.sigma_max
     if kind.cell_type in ("rnn_tanh", "rnn_relu") and 0 < sigma_max < 1:
@@ -460,10 +552,14 @@ def layer_verdict(
     does not reach the layer through time) is ``"unmeasured"``; then :func:`diagnose_timesteps`'
     ``"exploding"`` or ``"vanishing"`` (for an underflowed first step, "vanishing" below the
     bound, or ``"unmeasured"`` when the bound decides nothing), told apart from what the loss
-    causes by the layer's largest Lyapunov exponent ``lyapunov_max`` (module docs); then
-    ``"saturating"`` when more than ``saturating_above`` of the tanh candidate units are
-    saturated; else ``"healthy"``, which for a vanishing gradient through a layer that carries
-    says that the loss asks for short memory only.
+    causes and from a short memory by the layer's largest Lyapunov exponent ``lyapunov_max``
+    (module docs); then ``"saturating"`` when more than ``saturating_above`` of the tanh candidate
+    units are saturated; then ``"short memory"`` for a vanishing gradient through a layer whose
+    memory (:func:`memory_steps`) is shorter than the sequence but not than :data:`MEMORY_STEPS`,
+    its reason giving that memory and, should the task need longer dependencies, what usually
+    lengthens it (:func:`advice` for ``kind``); else ``"healthy"``, which for a vanishing gradient
+    through a layer that carries it across the sequence says that the loss asks for short memory
+    only.
 
     The reason of ``"vanishing"`` names the layer's own evidence: ``lyapunov_max``, the saturation,
     and for a plain RNN (``kind.cell_type``) whose recurrent matrix has a ``spectrum`` with
@@ -481,6 +577,9 @@ def layer_verdict(
         >>> verdict, reason = layer_verdict(summarize_timesteps(torch.tensor([1e-5, 1e-2, 1.0])), lyapunov_max=-0.01)
         >>> verdict, reason.split(":")[0]
         ('healthy', 'the loss asks for short memory only')
+        >>> verdict, reason = layer_verdict(summarize_timesteps(torch.logspace(-7, 0, 60)), lyapunov_max=-0.33)
+        >>> verdict, reason.split(" (")[0]
+        ('short memory', 'the layer keeps a gradient within 10^-3 for 20.9 steps')
     """
     if summary is None:
         if unmeasured_reason is not None:
@@ -501,7 +600,6 @@ def layer_verdict(
         "step" if summary.underflow_steps == 1 else f"{summary.underflow_steps} steps"
     )
     known = lyapunov_max is not None and not math.isnan(lyapunov_max)
-    carried = carried_decades(lyapunov_max, summary.steps) if known else None  # type: ignore[arg-type]
     if condition == "exploding":
         cause = f"; the layer amplifies: lambda_1 = {lyapunov_max:+.3g} per step" if known else ""
         return "exploding", f"||dL/dh|| grows 10^{summary.transmission:+.1f} {trend}{cause}{saturated}"
@@ -512,12 +610,12 @@ def layer_verdict(
             if summary.transmission_is_bound
             else f"||dL/dh|| falls 10^{summary.transmission:+.1f} {trend}"
         )
-        evidence = _layer_evidence(carried, lyapunov_max, summary.steps, vanish_below, kind, spectrum)
+        evidence = _layer_evidence(lyapunov_max if known else None, summary.steps, vanish_below, kind, spectrum)
         if not known:
             untold = "whether the layer or the loss causes it is not told apart without lambda_1 (lyapunov_k > 0)"
             evidence = "; ".join(part for part in (evidence, untold) if part)
         return "vanishing", f"{falls}; horizon {summary.horizon} of {summary.steps} steps{saturated}; {evidence}"
-    if summary.transmission_is_bound and condition != SHORT_MEMORY:
+    if summary.transmission_is_bound and condition not in (RECENT_LOSS, SHORT_MEMORY):
         return "unmeasured", (
             f"||dL/dh|| is only {summary.last_norm:.3g} at the layer's last step and {underflow}: the bound on its transmission, "
             f"10^{summary.transmission:+.1f}, decides nothing"
@@ -529,12 +627,22 @@ def layer_verdict(
         )
     bound = "below " if summary.transmission_is_bound else ""
     if condition == SHORT_MEMORY:
-        assert carried is not None and lyapunov_max is not None
+        assert lyapunov_max is not None
+        memory = memory_steps(lyapunov_max, vanish_below)
+        return "short memory", (
+            f"the layer keeps a gradient within 10^-{-math.log10(vanish_below):g} for {memory:.1f} steps (lambda_1 = "
+            f"{lyapunov_max:+.3g} per step, 1/|lambda_1| = {-1 / lyapunov_max:.2g} steps), not across the "
+            f"{summary.steps - 1} steps of the sequence: ||dL/dh|| falls {bound}10^{summary.transmission:+.1f} {trend}, "
+            f"horizon {summary.horizon} of {summary.steps}{saturated}. Enough when the task's dependencies are shorter. "
+            + advice(SHORT_MEMORY, kind, summary.steps, saturation, memory)
+        )
+    if condition == RECENT_LOSS:
+        assert lyapunov_max is not None
         return "healthy", (
             f"the loss asks for short memory only: ||dL/dh|| falls {bound}10^{summary.transmission:+.1f} {trend}, horizon "
             f"{summary.horizon} of {summary.steps}, but the layer carries gradient across the sequence (lambda_1 = "
-            f"{lyapunov_max:+.3g} per step: its most persistent direction keeps 10^{carried:+.1f} over "
-            f"{summary.steps - 1} steps); "
+            f"{lyapunov_max:+.3g} per step: its most persistent direction keeps "
+            f"10^{carried_decades(lyapunov_max, summary.steps):+.1f} over {summary.steps - 1} steps); "
             f"the loss's gradient enters at late steps or in directions the layer lets fade{saturated}"
         )
     if condition == EARLY_LOSS:
@@ -582,8 +690,9 @@ class HealthReport:
 
     @property
     def healthy(self) -> bool:
-        """Whether every measured layer is healthy and no step had NaN/Inf gradients."""
-        return self.nonfinite_steps == 0 and all(layer.verdict in ("healthy", "unmeasured") for layer in self.layers)
+        """Whether nothing needs attention: no layer's verdict is in :data:`NEEDS_ATTENTION` (a layer
+        with "short memory" is healthy: see the module docs) and no step had NaN/Inf gradients."""
+        return self.nonfinite_steps == 0 and not any(layer.verdict in NEEDS_ATTENTION for layer in self.layers)
 
     def rows(self) -> list[dict[str, str]]:
         """The table's cells, one dict per layer (column name -> text); the Lyapunov column when
@@ -606,7 +715,11 @@ class HealthReport:
 
     def _title(self) -> str:
         counted = "" if self.optimizer_steps in (None, self.step) else f" ({self.optimizer_steps} optimizer steps)"
-        return f"GradHealth health report at step {self.step}{counted}: {'healthy' if self.healthy else 'needs attention'}"
+        state = "healthy" if self.healthy else "needs attention"
+        short = [layer.layer for layer in self.layers if layer.verdict == "short memory"]
+        if short and self.healthy:
+            state = f"healthy; short memory in {', '.join(short)} (enough unless the task needs longer dependencies)"
+        return f"GradHealth health report at step {self.step}{counted}: {state}"
 
     def _footer(self) -> list[str]:
         clipped = "off" if self.clipped_fraction is None else f"{self.clipped_fraction:.1%} of steps"

@@ -35,17 +35,20 @@ class Picture(Protocol):
 @dataclass(frozen=True)
 class TimestepCurve:
     """||dL/dh_t|| (and ||dL/dc_t||) over t of one layer's latest probe; ``norms``: label -> ``(T,)``,
-    the labels in ``cell_states`` (LSTM cell states) drawn dashed."""
+    the labels in ``cell_states`` (LSTM cell states) drawn dashed. Each curve is drawn in decades
+    relative to the layer's last step: input position T-1, or position 0 with ``reverse`` (the
+    backward direction of a bidirectional layer, which computes position 0 last)."""
 
     norms: Mapping[str, Tensor]
     title: str
     step: int
     cell_states: AbstractSet[str] = frozenset()
+    reverse: bool = False
 
     def render(self) -> np.ndarray:
         from lightning_gradhealth.figures import timestep_curve_image
 
-        return timestep_curve_image(self.norms, self.title, self.step, dashed=self.cell_states)
+        return timestep_curve_image(self.norms, self.title, self.step, dashed=self.cell_states, reverse=self.reverse)
 
 
 def heatmap_bin_width(timesteps: int, columns: int = HEATMAP_COLUMNS) -> int:
@@ -85,17 +88,20 @@ def bin_max(values: np.ndarray, width: int) -> np.ndarray:
 class TimestepHeatmap:
     """log10 ||dL/dh_t|| over (training step, t): one row of norms per probed step; ``timesteps``
     gives each row's probe length T when its columns are bins (:func:`heatmap_bin_width`, each
-    bin's largest norm, :func:`bin_max`), empty when every column is one timestep."""
+    bin's largest norm, :func:`bin_max`), empty when every column is one timestep. Each row is
+    drawn in decades relative to the layer's last step: its last column, or column 0 with
+    ``reverse`` (the backward direction of a bidirectional layer)."""
 
     steps: Sequence[int]
     rows: Sequence[np.ndarray]
     title: str
     timesteps: Sequence[int] = ()
+    reverse: bool = False
 
     def render(self) -> np.ndarray:
         from lightning_gradhealth.figures import timestep_heatmap_image
 
-        return timestep_heatmap_image(self.steps, self.rows, self.title, self.timesteps)
+        return timestep_heatmap_image(self.steps, self.rows, self.title, self.timesteps, reverse=self.reverse)
 
 
 @dataclass(frozen=True)

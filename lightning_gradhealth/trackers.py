@@ -49,6 +49,7 @@ from lightning_gradhealth.defaults import (
     PROBE_EVERY_N_LOGS,
 )
 from lightning_gradhealth.health import (
+    MEMORY_STEPS,
     REPORT_WIDTH,
     LayerKind,
     SpectrumSummary,
@@ -57,6 +58,7 @@ from lightning_gradhealth.health import (
     carried_decades,
     describe_rate,
     diagnose_timesteps,
+    memory_steps,
     summarize_timesteps,
 )
 from lightning_gradhealth.keys import LayerKey
@@ -395,7 +397,9 @@ class TimestepTracker:
         finite bound (:mod:`~lightning_gradhealth.health`), named once. The vanishing and exploding
         notices tell the layer from the loss by the layer's largest Lyapunov exponent, as the
         report does (:func:`~lightning_gradhealth.health.diagnose_timesteps`): a vanishing gradient
-        through a layer that carries it is the loss asking for short memory, and no notice.
+        through a layer that carries it across the sequence (the loss asks for short memory), or
+        a few steps (a short memory, enough for a task with short dependencies), gets no notice;
+        the report says which.
         The Lyapunov exponents are logged as ``lyapunov_max`` (the largest) and a histogram of all
         k; an exponent of -inf (a direction mapped to zero, e.g. by dead ReLU units) is in the
         report, not in TensorBoard, and a layer without exponents is named once with the reason.
@@ -479,6 +483,12 @@ class TimestepTracker:
                 f". The layer itself {verb}: lambda_1 = {lyapunov_max:+.3g} per step, 10^{carried:+.1f} over its "
                 f"{summary.steps - 1} steps"
             )
+            if condition == "vanishing":
+                memory = memory_steps(lyapunov_max, self.config.vanish_below)
+                numbers += (
+                    f"; it keeps a gradient within {self.config.vanish_below:g}x for {memory:.1f} steps, fewer than "
+                    f"{min(MEMORY_STEPS, summary.steps - 1)}"
+                )
         kind = self.describe_layer(key)
         saturation = self.saturation.get(key)
         prefix = "GradHealth: "  # the notice's own, on the first line
@@ -488,7 +498,9 @@ class TimestepTracker:
         return situation[len(prefix) :] + "\n" + textwrap.fill(advice(condition, kind, summary.steps, saturation), REPORT_WIDTH)
 
     def pictures(self, step: int) -> StepOutput:
-        """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap."""
+        """Per layer: the latest ||dL/dh_t|| curve (with ||dL/dc_t|| for an LSTM) and the heatmap,
+        each relative to the layer's last step in its own order (input position 0 for a backward
+        direction, ``key.reverse``)."""
         output = StepOutput()
         for key in self.grad_norms:
             if key.state == "c" and key.hidden_state in self.grad_norms:
@@ -498,10 +510,11 @@ class TimestepTracker:
             drawn = [k for k in dict.fromkeys((key, key.cell_state)) if k in self.grad_norms]
             curves = {str(k): self.grad_norms[k] for k in drawn}
             dashed = frozenset(str(k) for k in drawn if k.state == "c")
-            output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = TimestepCurve(curves, str(key), step, dashed)
+            curve = TimestepCurve(curves, str(key), step, dashed, key.reverse)
+            output.pictures[tags.layer_tag(key, "timestep_grad_norms")] = curve
             rows = self._rows[key]
             output.pictures[tags.layer_tag(key, "timestep_heatmap")] = TimestepHeatmap(
-                [row.step for row in rows], [row.norms for row in rows], str(key), [row.timesteps for row in rows]
+                [row.step for row in rows], [row.norms for row in rows], str(key), [row.timesteps for row in rows], key.reverse
             )
         return output
 
@@ -805,6 +818,13 @@ class GradientTracker:
         them (the user's own clipping ran before this call): it is what is logged as the total
         and what the clip suggestion learns from.
 
+        Only finite values are logged. On a step whose gradients hold NaN/Inf (``on_nonfinite="warn"``,
+        or under an AMP scaler, which skips such steps itself) the total norm, the clipping's
+        norms and coefficient, and the NaN/Inf per-layer norms are left out: the step is counted
+        in ``gradhealth/nonfinite/steps`` (by the check that runs first), and the clip suggestion
+        does not count a non-finite norm
+        (:class:`~lightning_gradhealth.clipping.ClipThresholdSuggester`).
+
         Raises:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf.
         """
@@ -821,18 +841,22 @@ class GradientTracker:
                 at_step = counted_norm  # the same total: not computed twice
         if plan.log_gradients and layer_parameters:
             norms = self.distributed.global_norms(group_grad_norms(layer_parameters, norm_type), norm_type).tolist()
-            output.scalars.update({tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms)})
+            output.scalars.update(
+                {tags.layer_tag(key, "weight_grad_norm"): n for key, n in zip(layer_parameters, norms) if math.isfinite(n)}
+            )
         if self.config.clip is not None:
             output.scalars.update(self._clip(parameters, plan.log_gradients, optimizer, grad_norm))
         elif plan.log_gradients:
             if at_step is None:
                 at_step = torch.linalg.vector_norm(grad_norms(parameters, norm_type), norm_type)
                 at_step = self.distributed.global_norms(at_step, norm_type)
-            if grad_norm is not None:
-                self._count_caller_clipping(grad_norm, at_step)
             total = at_step if grad_norm is None else grad_norm
-            self.clip_suggester.update(total)
-            output.scalars[tags.grad_norm_tag("total", optimizer)] = float(total)
+            total_value = float(total)
+            if math.isfinite(total_value):
+                self.clip_suggester.update(total)
+                if grad_norm is not None:
+                    self._count_caller_clipping(grad_norm, at_step)
+                output.scalars[tags.grad_norm_tag("total", optimizer)] = total_value
         if plan.measure:
             output.scalars[tags.NONFINITE_STEPS] = float(self.nonfinite_steps)
             output.scalars[tags.NONFINITE_SKIPPED_STEPS] = float(self.skipped_steps)
@@ -857,15 +881,19 @@ class GradientTracker:
         self._clip_windows[optimizer] = (window_clipped, window_steps)
         if not log:
             return {}
+        del self._clip_windows[optimizer]
+        fraction = {tags.clip_tag("clipped_steps_fraction", optimizer): float(window_clipped) / window_steps}
+        values = stats.to_floats()
+        total = values["norm_before"] if grad_norm is None else float(grad_norm)
+        if not (math.isfinite(total) and math.isfinite(values["norm_before"])):
+            return fraction  # NaN/Inf gradients: no norm, and no coefficient computed from one
         if grad_norm is not None:
             self._count_caller_clipping(grad_norm, stats.norm_before)
-        del self._clip_windows[optimizer]
-        values = stats.to_floats()
         return {
-            tags.grad_norm_tag("total", optimizer): values["norm_before"] if grad_norm is None else float(grad_norm),
+            tags.grad_norm_tag("total", optimizer): total,
             tags.grad_norm_tag("total_clipped", optimizer): values["norm_after"],
             tags.clip_tag("coefficient", optimizer): values["coefficient"],
-            tags.clip_tag("clipped_steps_fraction", optimizer): float(window_clipped) / window_steps,
+            **fraction,
         }
 
     def _count_caller_clipping(self, before: Tensor, at_step: Tensor) -> None:
