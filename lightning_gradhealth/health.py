@@ -99,7 +99,7 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -756,13 +756,24 @@ class HealthReport:
         rows = self.rows()
         lines = [f"**{self._title()}**", ""]
         if rows:
-            lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+            lines += [_table_row(rows[0]), "|" + "---|" * len(rows[0])]
+            lines += [_table_row(row.values()) for row in rows]
             lines += [""] + [
                 f"- `{layer.layer}`: **{layer.verdict}**: {layer.reason}" + (f" {layer.advice}" if layer.advice else "")
                 for layer in self.layers
             ]
         return "\n".join(lines + [""] + self._footer())
+
+
+def _table_row(cells: Iterable[str]) -> str:
+    r"""One Markdown table row; a ``|`` inside a cell (``1/|lambda_1|``) is escaped as ``\|``,
+    or it would split the cell.
+
+    Examples:
+        >>> _table_row(["layer", "lambda_1 (1/|lambda_1|)"])
+        '| layer | lambda_1 (1/\\|lambda_1\\|) |'
+    """
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def _radius(spectrum: Optional[SpectrumSummary]) -> str:

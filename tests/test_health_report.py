@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -149,6 +150,9 @@ def test_report_of_a_real_fit_matches_numpy_torch_clipping_and_is_printed_and_wr
     assert {"gradhealth/config/text_summary", "gradhealth/report/text_summary"} <= set(texts)
     report_text = texts["gradhealth/report/text_summary"][-1].tensor_proto.string_val[0].decode()
     assert report_text == report.markdown() and "| rnn.l0 | orthogonal |" in report_text
+    table = [line for line in report_text.splitlines() if line.startswith("|")]
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in table]  # a "|" not escaped by "\\" splits cells
+    assert len(table) >= 3 and len(set(cells)) == 1
     config_text = texts["gradhealth/config/text_summary"][0].tensor_proto.string_val[0].decode()
     assert "| init | `'orthogonal'` |" in config_text and "| log_every_n_steps | `2` |" in config_text
     assert "| probe_every_n_steps | `2` |" in config_text  # the interval given here: the probe follows it
