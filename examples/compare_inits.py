@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         "its way back ('<': a bound, the first steps' norms underflowed float); lambda_1: the largest Lyapunov exponent "
         "of the layer's dynamics (natural log per step; below 0 every perturbation of the state fades, 1/|lambda_1| "
         "steps is its horizon; above 0 some grow); horizon: steps back before the gradient falls 1000x; verdict: "
-        "GradHealth's health report. Learned losses differ with the hardware and the BLAS library, even for one seed."
+        "GradHealth's health report ('short memory': the layer keeps a gradient over 10 steps or more, not the "
+        "whole sequence; enough unless the task needs longer dependencies). Learned losses differ with the hardware "
+        "and the BLAS library, even for one seed."
     )
     print(f"\nNext: tensorboard --logdir {run_group}")
     return results

@@ -262,8 +262,8 @@ class GradHealth(CallbackBase):
     At the start of fit the configuration goes to TensorBoard as text (``gradhealth/config``)
     with a custom-scalars layout (the "Custom Scalars" tab: per layer, transmission, horizon,
     spectral radius and sigma_max per gate; the gradient norms before and after clipping). At
-    the end of fit rank 0 prints the health report, a verdict per layer (healthy, vanishing,
-    exploding, saturating) with its reason in numbers, also written as ``gradhealth/report``.
+    the end of fit rank 0 prints the health report, a verdict per layer (healthy, short memory,
+    vanishing, exploding, saturating) with its reason in numbers, also written as ``gradhealth/report``.
     Scalars go to every logger; histograms, pictures and text only to TensorBoard loggers (one
     notice when there is none).
 
