@@ -20,6 +20,7 @@ __all__ = [
     "HORIZON_FACTOR",
     "LYAPUNOV_K",
     "MAX_CALLS_MEASURED",
+    "MEMORY_STEPS",
     "PROBE_EVERY_N_LOGS",
     "REPLAY_TOLERANCE",
     "SATURATED_TANH",
@@ -123,6 +124,13 @@ costs about 0.2 s a picture, three per layer, and is then a few percent of the f
 shorter fit ends with its final spectra as numbers only (scalars, histograms), so that a short
 forecasting fit and every short refit of a retrain loop do not pay for drawing; a fit that took
 a full pass after step 0 draws them whatever its time (``benchmarks/fit_start.py`` measures it)."""
+
+MEMORY_STEPS = 10
+"""The fewest steps over which a recurrent layer must keep a gradient within ``vanish_below`` not
+to be "vanishing" whatever the task: with the default 1e-3, a layer that loses it faster more
+than halves every gradient at every step (2^10 = 1024) and cannot relate even the steps of a
+short window. Gated cells at PyTorch's default or orthogonal init keep one 14 to 21 steps, the
+small uniform init 2 (:mod:`~lightning_gradhealth.health`)."""
 
 LYAPUNOV_K = 8
 """Lyapunov exponents computed per layer by default: the top few say whether the layer expands

@@ -104,11 +104,17 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from lightning_gradhealth.defaults import EXPLODE_ABOVE, HORIZON_FACTOR, SATURATED_TANH, SATURATING_ABOVE, VANISH_BELOW
+from lightning_gradhealth.defaults import (
+    EXPLODE_ABOVE,
+    HORIZON_FACTOR,
+    MEMORY_STEPS,
+    SATURATED_TANH,
+    SATURATING_ABOVE,
+    VANISH_BELOW,
+)
 
 __all__ = [
     "EARLY_LOSS",
-    "MEMORY_STEPS",
     "NEEDS_ATTENTION",
     "RECENT_LOSS",
     "REPORT_WIDTH",
@@ -140,13 +146,6 @@ SHORT_MEMORY = "short_memory"
 (:func:`memory_steps`) is shorter than the sequence but at least :data:`MEMORY_STEPS` steps:
 enough for a task whose dependencies are shorter, not for one whose are longer. Information,
 not a problem: the verdict "short memory"."""
-
-MEMORY_STEPS = 10
-"""The fewest steps over which a recurrent layer must keep a gradient within ``vanish_below`` not
-to be "vanishing" whatever the task: with the default 1e-3, a layer that loses it faster more
-than halves every gradient at every step (2^10 = 1024) and cannot relate even the steps of a
-short window. Gated cells at PyTorch's default or orthogonal init keep one 14 to 21 steps, the
-small uniform init 2 (module docs)."""
 
 EARLY_LOSS = "early_loss"
 """The condition of a layer whose gradient through time grows toward the first step while the

@@ -46,10 +46,10 @@ from lightning_gradhealth.defaults import (
     FULL_EVERY_N_LOGS,
     HEATMAP_COLUMNS,
     HISTORY_SIZE,
+    MEMORY_STEPS,
     PROBE_EVERY_N_LOGS,
 )
 from lightning_gradhealth.health import (
-    MEMORY_STEPS,
     REPORT_WIDTH,
     LayerKind,
     SpectrumSummary,

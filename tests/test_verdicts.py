@@ -17,7 +17,8 @@ from conftest import PLSequenceModel, tensorboard_events, trainer_kwargs
 from lightning_gradhealth import GradHealth, defaults, tags
 from lightning_gradhealth.config import MonitorConfig
 from lightning_gradhealth.figures import timestep_curve_figure, timestep_curve_image, timestep_heatmap_image
-from lightning_gradhealth.health import MEMORY_STEPS, SHORT_MEMORY, LayerKind, advice, layer_verdict, summarize_timesteps
+from lightning_gradhealth.defaults import MEMORY_STEPS
+from lightning_gradhealth.health import SHORT_MEMORY, LayerKind, advice, layer_verdict, summarize_timesteps
 from lightning_gradhealth.keys import LayerKey
 from lightning_gradhealth.layers import find_recurrent_weights
 from lightning_gradhealth.probe import ProbeResult
