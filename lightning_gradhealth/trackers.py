@@ -997,7 +997,8 @@ class GradientTracker:
 
     def reset(self) -> None:
         """Forget the counts and statistics of an earlier run."""
-        self.clip_suggester = ClipThresholdSuggester(self.clip_suggester.multiple, self.clip_suggester.min_updates)
+        old = self.clip_suggester  # a fresh one with the same settings
+        self.clip_suggester = ClipThresholdSuggester(old.multiple, old.min_updates, percentile=old.percentile, window=old.window)
         self.latest_clip_stats = None
         self.nonfinite_steps = self.skipped_steps = self.clip_steps = 0
         self._clipped_total = 0
