@@ -742,8 +742,9 @@ class HealthReport:
             widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
             lines.append("  ".join(column.ljust(width) for column, width in widths.items()).rstrip())
             lines.extend("  ".join(row[column].ljust(width) for column, width in widths.items()).rstrip() for row in rows)
-            for layer in self.layers:
-                lines.append(f"  {layer.layer}: {layer.verdict}: {layer.reason}")
+            for layer in self.layers:  # each reason a paragraph of REPORT_WIDTH, its advice indented below
+                reason = f"{layer.layer}: {layer.verdict}: {layer.reason}"
+                lines.extend(textwrap.wrap(reason, REPORT_WIDTH, initial_indent="  ", subsequent_indent="    "))
                 if layer.advice:
                     lines.extend(textwrap.wrap(layer.advice, REPORT_WIDTH, initial_indent="    ", subsequent_indent="    "))
         else:
