@@ -62,7 +62,7 @@ the schedule runs it (the package's own ``Schedule``, over one period of full pa
 
 Usage:
     python benchmarks/alternatives.py                    # reference LSTM, 8 rounds, about 10 minutes on 2 cores
-    python benchmarks/alternatives.py --workload gru     # 2 x 512 GRU, T = 200: about 3 minutes a round
+    python benchmarks/alternatives.py --workload gru     # 2 x 512 GRU, T = 200: about 5 minutes a round
     python benchmarks/alternatives.py --quick            # a smoke check: one round, shortest windows
 """
 
