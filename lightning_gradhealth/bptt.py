@@ -370,7 +370,9 @@ def rnn_backward(
         derivative = (pre_activations > 0).to(states.dtype)
     state_grads = torch.empty_like(states)
     pre_activation_grads = torch.empty_like(pre_activations)
-    gate_grads_at = lambda t: torch.mul(state_grads[t], derivative[t], out=pre_activation_grads[t])  # noqa: E731
+    def gate_grads_at(t: int) -> Tensor:
+        return torch.mul(state_grads[t], derivative[t], out=pre_activation_grads[t])
+
     _step_back(state_grads, direct_grads, weights.w_hh, gate_grads_at)
     activation = torch.tanh if nonlinearity == "tanh" else torch.relu
     residual = state_residual(activation(pre_activations), states, lengths)
